@@ -1,0 +1,1 @@
+"""ModelPress HTTP API. Never imports torch or worker code: it enqueues tasks by name."""

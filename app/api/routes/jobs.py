@@ -1,0 +1,107 @@
+"""Jobs: submit, follow, cancel, collect artifacts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import FileResponse
+
+from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, StoreDep
+from app.db.models import Artifact, Job
+from app.errors import NotFound
+from app.schemas import ArtifactRead, ErrorResponse, JobCreate, JobEventRead, JobRead, Page
+from app.services import jobs as job_service
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+@router.post(
+    "",
+    response_model=JobRead,
+    status_code=202,
+    responses={
+        404: {"model": ErrorResponse, "description": "model_id or dataset_id does not exist"},
+        409: {"model": ErrorResponse, "description": "the model or dataset is not ready"},
+        422: {"model": ErrorResponse, "description": "invalid spec; `error.details` names the field"},
+        503: {"model": ErrorResponse, "description": "queue unreachable; no job was created"},
+    },
+)
+def submit_job(payload: JobCreate, response: Response, db: SessionDep, queue: QueueDep) -> Job:
+    """Queue a compression job. Poll the returned `Location` for its status."""
+    job = job_service.create(db=db, queue=queue, payload=payload)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=Page[JobRead])
+def list_jobs(
+    db: SessionDep,
+    status: StatusFilter | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Jobs, newest first; follow `next_cursor` for more."""
+    items, next_cursor = job_service.list_jobs(db=db, status=status, limit=limit, cursor=cursor)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", response_model=JobRead, responses={404: {"model": ErrorResponse}})
+def get_job(job: JobDep) -> Job:
+    return job
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    status_code=202,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse, "description": "job already finished"}},
+)
+def cancel_job(job: JobDep, db: SessionDep) -> Job:
+    """Cancel a queued job at once, or ask a running one to stop between batches."""
+    return job_service.cancel(db=db, job=job)
+
+
+@router.get("/{job_id}/events", response_model=list[JobEventRead], responses={404: {"model": ErrorResponse}})
+def list_events(job: JobDep, after: Annotated[int, Query(ge=0)] = 0) -> list[Any]:
+    """The job's timeline: status changes, step starts and ends (pass `after` = last seen id)."""
+    return [event for event in job.events if event.id > after]
+
+
+def _artifact_read(artifact: Artifact) -> ArtifactRead:
+    read = ArtifactRead.model_validate(artifact)
+    read.download_url = f"/v1/jobs/{artifact.job_id}/artifacts/{artifact.id}"
+    return read
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactRead], responses={404: {"model": ErrorResponse}})
+def list_artifacts(job: JobDep) -> list[ArtifactRead]:
+    """Files produced by a succeeded job: the compressed model in several formats and the report."""
+    return [_artifact_read(a) for a in job.artifacts]
+
+
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorResponse}},
+)
+def download_artifact(job: JobDep, artifact_id: ObjectId, store: StoreDep) -> FileResponse:
+    artifact = next((a for a in job.artifacts if a.id == artifact_id), None)
+    if artifact is None:
+        raise NotFound(f"artifact {artifact_id} not found in job {job.id}", {"id": artifact_id})
+    return FileResponse(store.path(artifact.sha256), filename=artifact.name, media_type="application/octet-stream",
+                        headers={"X-Content-SHA256": artifact.sha256})
+
+
+@router.get("/{job_id}/report", responses={404: {"model": ErrorResponse}})
+def get_report(job: JobDep) -> dict[str, Any]:
+    """The metric report (JSON) of a finished job."""
+    if job.report is None:
+        raise NotFound(f"job {job.id} has no report yet (status {job.status})", {"status": job.status},
+                       code="report_not_ready")
+    return job.report
+
+
+

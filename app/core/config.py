@@ -1,0 +1,72 @@
+"""One typed settings object, read from environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    environment: Literal["dev", "test", "prod"] = Field("dev", validation_alias="MODELPRESS_ENV")
+    data_dir: Path = Field(Path("data"), validation_alias="MODELPRESS_DATA_DIR")
+    # Empty means the embedded default under data_dir: SQLite and kombu's filesystem transport.
+    database_url: str = Field("", validation_alias=AliasChoices("DATABASE_URL", "MODELPRESS_DATABASE_URL"))
+    celery_broker_url: str = Field("", validation_alias=AliasChoices("CELERY_BROKER_URL", "MODELPRESS_BROKER_URL"))
+
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, validation_alias="MODELPRESS_MAX_UPLOAD_BYTES")
+    # How long an upload request waits for a worker to validate the file before answering 202.
+    validation_wait_s: float = Field(60.0, ge=0, validation_alias="MODELPRESS_VALIDATION_WAIT_S")
+    job_soft_time_limit_s: int = Field(6 * 3600, gt=0, validation_alias="MODELPRESS_JOB_SOFT_TIME_LIMIT_S")
+    job_time_limit_s: int = Field(6 * 3600 + 300, gt=0, validation_alias="MODELPRESS_JOB_TIME_LIMIT_S")
+    page_size_max: int = 200
+
+    @model_validator(mode="after")
+    def _prod_needs_real_services(self) -> Settings:
+        if self.environment == "prod" and (not self.database_url or not self.celery_broker_url):
+            raise ValueError("MODELPRESS_ENV=prod needs DATABASE_URL and CELERY_BROKER_URL set explicitly")
+        if self.job_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("MODELPRESS_JOB_TIME_LIMIT_S must exceed MODELPRESS_JOB_SOFT_TIME_LIMIT_S")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'modelpress.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.resolved_data_dir / "blobs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.resolved_data_dir / "tmp"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.resolved_data_dir / "broker"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.resolved_data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

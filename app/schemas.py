@@ -1,0 +1,115 @@
+"""Request and response models: one family per resource."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobspec import PipelineSpec
+
+T = TypeVar("T")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | list[Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page; null on the last page.")
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ModelRead(_Read):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    status: str = Field(description="validating | ready | invalid")
+    format: str | None = Field(None, description="safetensors | state_dict | export")
+    architecture: str | None
+    arch_kwargs: dict[str, Any]
+    param_count: int | None
+    input_shape: list[int] | None
+    num_outputs: int | None
+    error: dict[str, Any] | None
+    created_at: datetime
+
+
+class DatasetRead(_Read):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    status: str
+    format: str | None = Field(None, description="imagefolder | tensors")
+    num_samples: int | None
+    classes: list[str] | None
+    input_shape: list[int] | None
+    error: dict[str, Any] | None
+    created_at: datetime
+
+
+class JobCreate(PipelineSpec):
+    """A job: which model (and dataset) to compress, and the ordered steps."""
+
+    model_id: str = Field(min_length=1, max_length=64)
+    dataset_id: str | None = Field(None, min_length=1, max_length=64)
+
+    def pipeline(self) -> PipelineSpec:
+        return PipelineSpec.model_validate(self.model_dump(exclude={"model_id", "dataset_id"}))
+
+
+class JobRead(_Read):
+    id: str
+    model_id: str
+    dataset_id: str | None
+    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    cancel_requested: bool
+    progress: float = Field(description="0-100")
+    current_step: int | None
+    current_step_kind: str | None
+    message: str | None
+    error: dict[str, Any] | None
+    attempts: int
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventRead(_Read):
+    id: int
+    at: datetime
+    type: str
+    step: int | None
+    kind: str | None
+    status: str | None
+    message: str | None
+    data: dict[str, Any] | None
+
+
+class ArtifactRead(_Read):
+    id: str
+    job_id: str
+    name: str
+    kind: str
+    format: str
+    description: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    download_url: str = ""

@@ -1,0 +1,80 @@
+"""Job submission, cancellation and queries."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import Dataset, Job, JobStatus, Model, UploadStatus
+from app.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from app.queue import QueueUnavailable, TaskQueue
+from app.schemas import JobCreate
+from app.services.job_lifecycle import add_event, transition
+from app.services.pagination import paginate
+
+
+def _ready_upload(db: Session, entity: type[Model] | type[Dataset], object_id: str, field: str) -> Model | Dataset:
+    row = db.get(entity, object_id)
+    if row is None:
+        raise NotFound(f"{field} {object_id} not found", {"field": field})
+    if row.status != UploadStatus.READY:
+        raise Conflict(f"{field} {object_id} is {row.status}, not ready", {"field": field, "status": row.status})
+    return row
+
+
+def create(*, db: Session, queue: TaskQueue, payload: JobCreate) -> Job:
+    """Validate references, persist the job and enqueue it by id."""
+    _ready_upload(db, Model, payload.model_id, "model_id")
+    pipeline = payload.pipeline()
+    if payload.dataset_id:
+        _ready_upload(db, Dataset, payload.dataset_id, "dataset_id")
+    else:
+        needing = [f"steps.{i}" for i, s in enumerate(pipeline.steps) if s.needs_data]
+        if needing:
+            raise Unprocessable(
+                f"{', '.join(needing)} need(s) a dataset: pass dataset_id",
+                {"field": "dataset_id", "steps": needing},
+                code="dataset_required",
+            )
+    job = Job(model_id=payload.model_id, dataset_id=payload.dataset_id, spec=pipeline.model_dump(mode="json"))
+    db.add(job)
+    db.flush()
+    add_event(db, job, "status", status=JobStatus.QUEUED, message="job accepted")
+    db.commit()
+    try:
+        queue.enqueue_job(job.id)
+    except QueueUnavailable as exc:
+        db.delete(job)
+        db.commit()
+        raise ServiceUnavailable(f"{exc}; the job was not created, retry later") from exc
+    return job
+
+
+def get_or_404(*, db: Session, job_id: str) -> Job:
+    """Fetch a job or raise 404."""
+    job = db.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", {"id": job_id})
+    return job
+
+
+def list_jobs(*, db: Session, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+    """A page of jobs, newest first, optionally filtered by status."""
+    stmt = select(Job)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    return paginate(db, stmt, Job, limit=limit, cursor=cursor)
+
+
+def cancel(*, db: Session, job: Job) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next check."""
+    if job.status in JobStatus.TERMINAL:
+        raise Conflict(f"job {job.id} already finished with status {job.status}", {"status": job.status},
+                       code="job_finished")
+    if job.status == JobStatus.QUEUED:
+        transition(db, job, JobStatus.CANCELED, message="canceled before it started")
+    elif not job.cancel_requested:
+        job.cancel_requested = True
+        add_event(db, job, "cancel_requested", message="cancel requested; the worker stops at its next check")
+    db.commit()
+    return job

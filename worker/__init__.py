@@ -1,0 +1,1 @@
+"""ModelPress worker: the Celery app, its thin tasks, and the compression engine."""

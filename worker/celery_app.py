@@ -1,0 +1,12 @@
+"""The workers' Celery app. Start with: celery -A worker.celery_app worker -Q modelpress.jobs,modelpress.inspect"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.core.celery_config import celery_config
+from app.core.config import get_settings
+
+celery = Celery("modelpress", include=["worker.tasks"])
+celery.conf.update(celery_config(get_settings()))
+app = celery
