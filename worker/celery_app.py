@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from app.core.celery_config import celery_config
 from app.core.config import get_settings
@@ -10,3 +11,10 @@ from app.core.config import get_settings
 celery = Celery("modelpress", include=["worker.tasks"])
 celery.conf.update(celery_config(get_settings()))
 app = celery
+
+
+@worker_ready.connect
+def _start_recovery(**_: object) -> None:
+    from worker.recovery import start_recovery_loop
+
+    start_recovery_loop(celery.send_task)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
@@ -18,6 +20,7 @@ from app.services.job_lifecycle import add_event, transition
 from app.storage import BlobStore
 from jobspec import PipelineSpec
 from worker import engine
+from worker.recovery import heartbeat_is_fresh
 from worker.engine.types import Artifact as EngineArtifact
 from worker.engine.types import Canceled, DatasetSource, EngineError, ModelSource, PipelineHooks
 
@@ -134,6 +137,33 @@ class _JobTracker:
                 raise Canceled("canceled by request")
 
 
+class _Heartbeat:
+    """Stamps the job's heartbeat from a background thread while it runs, however long a step is."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        interval = get_settings().heartbeat_interval_s
+        while not self._stop.wait(interval):
+            try:
+                with session_scope() as db:
+                    db.execute(update(Job).where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                               .values(heartbeat_at=utcnow()))
+            except Exception:  # a missed beat is survivable; a dead thread is not
+                log.exception("heartbeat of job %s failed", self.job_id)
+
+
 def _start(job_id: str, worker_name: str) -> tuple[PipelineSpec, ModelSource, DatasetSource | None, int] | None:
     """Claim the job; None when there is nothing to run (finished, canceled or unknown)."""
     store = _store()
@@ -148,6 +178,14 @@ def _start(job_id: str, worker_name: str) -> tuple[PipelineSpec, ModelSource, Da
             transition(db, job, JobStatus.CANCELED, message="canceled before it started")
             return None
         retry = job.status == JobStatus.RUNNING
+        if retry and heartbeat_is_fresh(job):
+            log.info("job %s is running on %s; dropping the duplicate delivery", job_id, job.worker)
+            return None
+        if job.attempts >= get_settings().max_attempts:
+            transition(db, job, JobStatus.FAILED, message="too many attempts",
+                       error={"code": "worker_lost", "details": {"attempts": job.attempts},
+                              "message": f"the job was started {job.attempts} times without finishing; giving up"})
+            return None
         transition(db, job, JobStatus.RUNNING,
                    message=f"{'restarted' if retry else 'running'} on {worker_name}")
         job.worker, job.progress = worker_name, 0.0
@@ -194,8 +232,9 @@ def execute_job(job_id: str, *, worker_name: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
-        result = engine.run_pipeline(model_source, spec, dataset_source, workdir, _JobTracker(job_id).hooks())
-        artifacts = _store_artifacts(result.artifacts)
+        with _Heartbeat(job_id):
+            result = engine.run_pipeline(model_source, spec, dataset_source, workdir, _JobTracker(job_id).hooks())
+            artifacts = _store_artifacts(result.artifacts)
     except Canceled:
         _finish(job_id, JobStatus.CANCELED, message="canceled while running")
     except EngineError as exc:

@@ -24,12 +24,18 @@ class Settings(BaseSettings):
     validation_wait_s: float = Field(60.0, ge=0, validation_alias="MODELPRESS_VALIDATION_WAIT_S")
     job_soft_time_limit_s: int = Field(6 * 3600, gt=0, validation_alias="MODELPRESS_JOB_SOFT_TIME_LIMIT_S")
     job_time_limit_s: int = Field(6 * 3600 + 300, gt=0, validation_alias="MODELPRESS_JOB_TIME_LIMIT_S")
-    page_size_max: int = 200
+    # A running job's worker writes a heartbeat this often; a job silent for heartbeat_timeout_s is
+    # considered orphaned (its worker died) and is re-queued, up to max_attempts runs in all.
+    heartbeat_interval_s: float = Field(5.0, gt=0, validation_alias="MODELPRESS_HEARTBEAT_INTERVAL_S")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, validation_alias="MODELPRESS_HEARTBEAT_TIMEOUT_S")
+    max_attempts: int = Field(3, ge=1, le=20, validation_alias="MODELPRESS_MAX_ATTEMPTS")
 
     @model_validator(mode="after")
     def _prod_needs_real_services(self) -> Settings:
         if self.environment == "prod" and (not self.database_url or not self.celery_broker_url):
             raise ValueError("MODELPRESS_ENV=prod needs DATABASE_URL and CELERY_BROKER_URL set explicitly")
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
+            raise ValueError("MODELPRESS_HEARTBEAT_TIMEOUT_S must be at least 3x MODELPRESS_HEARTBEAT_INTERVAL_S")
         if self.job_time_limit_s <= self.job_soft_time_limit_s:
             raise ValueError("MODELPRESS_JOB_TIME_LIMIT_S must exceed MODELPRESS_JOB_SOFT_TIME_LIMIT_S")
         return self

@@ -24,7 +24,7 @@ def _ready_upload(db: Session, entity: type[Model] | type[Dataset], object_id: s
 
 def create(*, db: Session, queue: TaskQueue, payload: JobCreate) -> Job:
     """Validate references, persist the job and enqueue it by id."""
-    _ready_upload(db, Model, payload.model_id, "model_id")
+    model = _ready_upload(db, Model, payload.model_id, "model_id")
     pipeline = payload.pipeline()
     if payload.dataset_id:
         _ready_upload(db, Dataset, payload.dataset_id, "dataset_id")
@@ -36,6 +36,12 @@ def create(*, db: Session, queue: TaskQueue, payload: JobCreate) -> Job:
                 {"field": "dataset_id", "steps": needing},
                 code="dataset_required",
             )
+    if not (pipeline.input_shape or payload.dataset_id or model.input_shape):
+        raise Unprocessable(
+            "the input shape is unknown: set input_shape (one sample, e.g. [3, 224, 224]) or pass dataset_id",
+            {"field": "input_shape"},
+            code="input_shape_required",
+        )
     job = Job(model_id=payload.model_id, dataset_id=payload.dataset_id, spec=pipeline.model_dump(mode="json"))
     db.add(job)
     db.flush()

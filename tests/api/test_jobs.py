@@ -61,7 +61,7 @@ def test_job_runs_to_artifacts_and_report(client, model_id, dataset_id):
 
 def test_job_list_filters_and_paginates(client, model_id, queue):
     queue.run_jobs = False
-    created = [client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH}).json()["id"]
+    created = [client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH, "input_shape": [3, 32, 32]}).json()["id"]
                for _ in range(3)]
     seen, cursor = [], None
     while True:
@@ -81,7 +81,7 @@ def test_job_list_filters_and_paginates(client, model_id, queue):
 
 def test_cancel_queued_then_cancel_again_is_409(client, model_id, queue):
     queue.run_jobs = False
-    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH}).json()["id"]
+    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH, "input_shape": [3, 32, 32]}).json()["id"]
     response = client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 202
     assert response.json()["status"] == "canceled"
@@ -120,6 +120,12 @@ def test_step_needing_data_without_dataset_is_422(client, model_id):
     assert "steps.0" in response.json()["error"]["message"]
 
 
+def test_unknown_input_shape_is_422(client, model_id):
+    response = client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "input_shape_required"
+
+
 def test_unknown_model_is_404(client):
     response = client.post("/v1/jobs", json={"model_id": "missing", "steps": PRUNE_AND_BENCH})
     assert response.status_code == 404
@@ -128,7 +134,7 @@ def test_unknown_model_is_404(client):
 
 def test_unknown_layer_fails_the_job_with_a_clear_message(client, model_id):
     steps = [{"kind": "prune", "layer_amounts": {"no.such.layer": 0.5}}]
-    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": steps}).json()["id"]
+    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": steps, "input_shape": [3, 32, 32]}).json()["id"]
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert "no.such.layer" in job["error"]["message"] + str(job["error"]["details"])

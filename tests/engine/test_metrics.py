@@ -1,0 +1,87 @@
+"""Metrics and benchmark building blocks: sparsity, sizes, MACs, accuracy, fidelity, timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobspec.steps import BenchmarkStep, PruneStep
+from worker.engine.benchmark import benchmark, speedup_verdict, threads
+from worker.engine.metrics import accuracy, count_macs, fidelity, measure, size_metrics
+from worker.engine.prune import prune
+from worker.engine.types import TensorData
+
+
+def test_accuracy_top1_top5_and_label_range():
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 4, 3, 2, 1], [0, 1, 2, 3, 4, 5.0]])
+    result = accuracy(logits, torch.tensor([0, 2, 0]))
+    assert result["top1"] == pytest.approx(1 / 3, abs=1e-5)
+    assert result["top5"] == pytest.approx(2 / 3, abs=1e-5)
+    assert accuracy(logits, torch.tensor([0, 1, 9]))["top1"] is None  # label beyond the model's outputs
+
+
+def test_fidelity_of_identical_and_different_outputs():
+    logits = torch.randn(8, 4)
+    same = fidelity(logits, logits)
+    assert same["top1_agreement"] == 1.0 and same["output_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert same["output_kl"] == pytest.approx(0.0, abs=1e-6)
+    other = fidelity(-logits, logits)
+    assert other["output_cosine"] < 0 and other["output_kl"] > 0
+
+
+def test_measure_reports_sparsity_size_macs_and_accuracy(small_model):
+    model = small_model()
+    data = TensorData(torch.randn(12, 3, 32, 32), torch.arange(12) % 10, [str(i) for i in range(10)])
+    metrics, logits = measure(model, torch.randn(1, 3, 32, 32), data, reference_logits=None)
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert metrics["macs"] > 0 and metrics["size_bytes"] > 4 * metrics["params"]
+    assert "features.0.0" in metrics["layer_sparsity"] and "top1" in metrics and "top5" in metrics
+    assert logits.shape == (12, 10)
+
+
+def test_sparse_size_estimate_rewards_high_sparsity(small_model, make_ctx):
+    model = small_model()
+    dense = size_metrics(model)
+    prune(model, PruneStep(amount=0.9, layer_types=["conv", "linear"], ignore_layers=[]), make_ctx(model))
+    sparse = size_metrics(model)
+    assert sparse["size_bytes"] == dense["size_bytes"]  # zeros still take space in a dense file
+    assert sparse["sparse_size_bytes_estimate"] < 0.35 * dense["size_bytes"]
+    assert sparse["compressed_size_bytes"] < 0.5 * dense["compressed_size_bytes"]
+
+
+def test_macs_unavailable_for_exported_programs(tmp_path, small_model):
+    from worker.engine.modelio import load_model
+    from worker.engine.types import ModelSource
+
+    torch.export.save(torch.export.export(small_model(), (torch.randn(1, 3, 32, 32),)), tmp_path / "m.pt2")
+    macs, why = count_macs(load_model(ModelSource("export", tmp_path / "m.pt2")), torch.randn(1, 3, 32, 32))
+    assert macs is None and "exported" in why
+
+
+def test_speedup_verdict_requires_separation():
+    fast = {"p50_ms": 5.0, "p95_ms": 6.0}
+    slow = {"p50_ms": 10.0, "p95_ms": 11.0}
+    noisy = {"p50_ms": 8.0, "p95_ms": 30.0}
+    assert speedup_verdict(fast, slow)["speedup_significant"] is True
+    assert speedup_verdict(noisy, slow)["speedup_significant"] is False  # p95 overlaps the original
+    assert speedup_verdict(slow, fast)["slowdown_significant"] is True
+
+
+def test_benchmark_step_times_both_models_and_restores_threads(small_model, make_ctx):
+    model = small_model()
+    before = torch.get_num_threads()
+    outcome = benchmark(model, BenchmarkStep(batch_sizes=[1, 3], threads=1, warmup=1, repetitions=3), make_ctx(small_model()))
+    assert torch.get_num_threads() == before
+    rows = outcome.details["results"]
+    assert [r["batch_size"] for r in rows] == [1, 3] and outcome.details["threads"] == 1
+    for row in rows:
+        assert row["model"]["p50_ms"] > 0 and row["original"]["p95_ms"] >= row["original"]["p50_ms"]
+        assert row["model"]["throughput_per_s"] > 0 and row["speedup_vs_original"] > 0
+
+
+def test_threads_context_restores_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
