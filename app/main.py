@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api.routes import health, jobs, uploads
+from app.api.routes import admin, health, jobs, uploads
 from app.errors import install_error_handlers
 
 
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(uploads.router)
     app.include_router(jobs.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -113,3 +113,36 @@ class ArtifactRead(_Read):
     size_bytes: int
     created_at: datetime
     download_url: str = ""
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    max_concurrent_jobs: int | None = Field(None, ge=1, le=10000, description="Default: MODELPRESS_MAX_CONCURRENT_JOBS")
+
+
+class TenantRead(_Read):
+    id: str
+    name: str
+    max_concurrent_jobs: int | None
+    created_at: datetime
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=200)
+
+
+class ApiKeyRead(_Read):
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(description="The API key. Shown once; only its hash is stored.")

@@ -103,3 +103,6 @@ def exported_program_bytes(input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> byt
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()
+
+
+LOCAL_AUTH = {"Authorization": "Bearer mp-local-dev-key"}  # the documented dev/test key

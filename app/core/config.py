@@ -6,8 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+DEV_LOCAL_KEY = "mp-local-dev-key"
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "admin", DEV_LOCAL_KEY}
 
 
 class Settings(BaseSettings):
@@ -18,6 +22,12 @@ class Settings(BaseSettings):
     # Empty means the embedded default under data_dir: SQLite and kombu's filesystem transport.
     database_url: str = Field("", validation_alias=AliasChoices("DATABASE_URL", "MODELPRESS_DATABASE_URL"))
     celery_broker_url: str = Field("", validation_alias=AliasChoices("CELERY_BROKER_URL", "MODELPRESS_BROKER_URL"))
+
+    # Manages tenants and keys (/v1/admin). Required outside dev/test; never a placeholder in prod.
+    admin_api_key: SecretStr | None = Field(None, validation_alias="MODELPRESS_ADMIN_KEY")
+    # Dev/test only: a documented key for the built-in "local" tenant, so `make run` works out of the box.
+    local_api_key: str = Field(DEV_LOCAL_KEY, validation_alias="MODELPRESS_LOCAL_KEY")
+    max_concurrent_jobs_per_tenant: int = Field(8, ge=1, validation_alias="MODELPRESS_MAX_CONCURRENT_JOBS")
 
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, validation_alias="MODELPRESS_MAX_UPLOAD_BYTES")
     # How long an upload request waits for a worker to validate the file before answering 202.
@@ -32,13 +42,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prod_needs_real_services(self) -> Settings:
-        if self.environment == "prod" and (not self.database_url or not self.celery_broker_url):
-            raise ValueError("MODELPRESS_ENV=prod needs DATABASE_URL and CELERY_BROKER_URL set explicitly")
+        if self.environment == "prod":
+            if not self.database_url or not self.celery_broker_url:
+                raise ValueError("MODELPRESS_ENV=prod needs DATABASE_URL and CELERY_BROKER_URL set explicitly")
+            admin = self.admin_api_key.get_secret_value() if self.admin_api_key else ""
+            if admin in PLACEHOLDER_SECRETS or len(admin) < 24:
+                raise ValueError("MODELPRESS_ENV=prod needs MODELPRESS_ADMIN_KEY: a random secret of 24+ characters")
         if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
             raise ValueError("MODELPRESS_HEARTBEAT_TIMEOUT_S must be at least 3x MODELPRESS_HEARTBEAT_INTERVAL_S")
         if self.job_time_limit_s <= self.job_soft_time_limit_s:
             raise ValueError("MODELPRESS_JOB_TIME_LIMIT_S must exceed MODELPRESS_JOB_SOFT_TIME_LIMIT_S")
         return self
+
+    @property
+    def local_key(self) -> str | None:
+        """The built-in local tenant's key; there is none in prod."""
+        return None if self.environment == "prod" or not self.local_api_key else self.local_api_key
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -2,32 +2,49 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Dataset, Job, JobStatus, Model, UploadStatus
-from app.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from app.db.models import Dataset, Job, JobStatus, Model, Tenant, UploadStatus
+from app.errors import Conflict, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from app.queue import QueueUnavailable, TaskQueue
 from app.schemas import JobCreate
+from app.services.idempotency import IdempotencyKey, forget, remember, replayed_resource
 from app.services.job_lifecycle import add_event, transition
 from app.services.pagination import paginate
 
 
-def _ready_upload(db: Session, entity: type[Model] | type[Dataset], object_id: str, field: str) -> Model | Dataset:
+def _ready_upload(
+    db: Session, entity: type[Model] | type[Dataset], object_id: str, field: str, tenant_id: str
+) -> Model | Dataset:
     row = db.get(entity, object_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"{field} {object_id} not found", {"field": field})
     if row.status != UploadStatus.READY:
         raise Conflict(f"{field} {object_id} is {row.status}, not ready", {"field": field, "status": row.status})
     return row
 
 
-def create(*, db: Session, queue: TaskQueue, payload: JobCreate) -> Job:
-    """Validate references, persist the job and enqueue it by id."""
-    model = _ready_upload(db, Model, payload.model_id, "model_id")
+def create(
+    *,
+    db: Session,
+    queue: TaskQueue,
+    tenant: Tenant,
+    default_limit: int,
+    payload: JobCreate,
+    idem: IdempotencyKey | None = None,
+) -> Job:
+    """Validate references and the tenant's limit, persist the job and enqueue it by id.
+
+    With an idempotency key seen before, return the job that the first request created.
+    """
+    if (earlier := replayed_resource(db, idem)) is not None:
+        return get_or_404(db=db, tenant_id=tenant.id, job_id=earlier)
+    model = _ready_upload(db, Model, payload.model_id, "model_id", tenant.id)
     pipeline = payload.pipeline()
     if payload.dataset_id:
-        _ready_upload(db, Dataset, payload.dataset_id, "dataset_id")
+        _ready_upload(db, Dataset, payload.dataset_id, "dataset_id", tenant.id)
     else:
         needing = [f"steps.{i}" for i, s in enumerate(pipeline.steps) if s.needs_data]
         if needing:
@@ -42,31 +59,54 @@ def create(*, db: Session, queue: TaskQueue, payload: JobCreate) -> Job:
             {"field": "input_shape"},
             code="input_shape_required",
         )
-    job = Job(model_id=payload.model_id, dataset_id=payload.dataset_id, spec=pipeline.model_dump(mode="json"))
+    _check_concurrency(db=db, tenant=tenant, default_limit=default_limit)
+    job = Job(tenant_id=tenant.id, model_id=payload.model_id, dataset_id=payload.dataset_id, spec=pipeline.model_dump(mode="json"))
     db.add(job)
     db.flush()
     add_event(db, job, "status", status=JobStatus.QUEUED, message="job accepted")
-    db.commit()
+    remember(db, idem, job.id)
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()  # a concurrent request with the same key won: answer with its job
+        return get_or_404(db=db, tenant_id=tenant.id, job_id=replayed_resource(db, idem) or "")
     try:
         queue.enqueue_job(job.id)
     except QueueUnavailable as exc:
+        forget(db, job.id)
         db.delete(job)
         db.commit()
         raise ServiceUnavailable(f"{exc}; the job was not created, retry later") from exc
     return job
 
 
-def get_or_404(*, db: Session, job_id: str) -> Job:
-    """Fetch a job or raise 404."""
+def _check_concurrency(*, db: Session, tenant: Tenant, default_limit: int) -> None:
+    limit = tenant.max_concurrent_jobs or default_limit
+    active = db.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.tenant_id == tenant.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    ) or 0
+    if active >= limit:
+        raise TooManyRequests(
+            f"tenant has {active} queued or running jobs; the limit is {limit}: wait for one to finish",
+            {"active": active, "limit": limit},
+            code="too_many_jobs",
+        )
+
+
+def get_or_404(*, db: Session, tenant_id: str, job_id: str) -> Job:
+    """Fetch a tenant's job or raise 404."""
     job = db.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found", {"id": job_id})
     return job
 
 
-def list_jobs(*, db: Session, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-    """A page of jobs, newest first, optionally filtered by status."""
-    stmt = select(Job)
+def list_jobs(
+    *, db: Session, tenant_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """A page of the tenant's jobs, newest first, optionally filtered by status."""
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
     if status:
         stmt = stmt.where(Job.status == status)
     return paginate(db, stmt, Job, limit=limit, cursor=cursor)

@@ -6,12 +6,14 @@ import time
 from typing import Any, BinaryIO, TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.models import Dataset, Model, UploadStatus
 from app.errors import NotFound, PayloadTooLarge, ServiceUnavailable, Unprocessable
 from app.queue import QueueUnavailable, TaskQueue
+from app.services.idempotency import IdempotencyKey, forget, remember, replayed_resource
 from app.storage import BlobStore, EmptyUpload, UploadTooLarge
 
 UploadT = TypeVar("UploadT", Model, Dataset)
@@ -28,14 +30,33 @@ def store_upload(*, store: BlobStore, stream: BinaryIO, settings: Settings) -> t
 
 
 def create_and_validate(
-    *, db: Session, store: BlobStore, queue: TaskQueue, settings: Settings, row: UploadT
+    *,
+    db: Session,
+    store: BlobStore,
+    queue: TaskQueue,
+    settings: Settings,
+    row: UploadT,
+    idempotency_key: str | None = None,
 ) -> UploadT:
     """Persist `row`, ask a worker to validate its file and wait up to the configured time.
 
     An invalid upload is removed (row and file) and raised as a 422 with the worker's explanation.
+    A retried request with the same Idempotency-Key returns the first upload's row.
     """
+    entity = type(row)
+    request = {"sha256": row.sha256, "fields": {"architecture": getattr(row, "architecture", None),
+                                                 "arch_kwargs": getattr(row, "arch_kwargs", None)}}
+    idem = IdempotencyKey.of(tenant_id=row.tenant_id, key=idempotency_key, scope=entity.__tablename__, request=request)
+    if (earlier := replayed_resource(db, idem)) is not None:
+        return get_or_404(db, entity, earlier, tenant_id=row.tenant_id)
     db.add(row)
-    db.commit()
+    db.flush()
+    remember(db, idem, row.id)
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        return get_or_404(db, entity, replayed_resource(db, idem) or "", tenant_id=row.tenant_id)
     try:
         if isinstance(row, Model):
             queue.enqueue_model_inspection(row.id)
@@ -67,6 +88,7 @@ def wait_for_validation(*, db: Session, row: UploadT, timeout_s: float) -> Uploa
 
 def _discard(*, db: Session, store: BlobStore, row: Model | Dataset) -> None:
     sha = row.sha256
+    forget(db, row.id)
     db.delete(row)
     db.commit()
     still_used = db.scalar(select(func.count()).select_from(Model).where(Model.sha256 == sha)) or 0
@@ -75,9 +97,9 @@ def _discard(*, db: Session, store: BlobStore, row: Model | Dataset) -> None:
         store.delete(sha)
 
 
-def get_or_404(db: Session, entity: type[UploadT], object_id: str) -> UploadT:
-    """Fetch a model or dataset by id or raise 404."""
+def get_or_404(db: Session, entity: type[UploadT], object_id: str, *, tenant_id: str) -> UploadT:
+    """Fetch a tenant's model or dataset by id or raise 404 (another tenant's object is a 404 too)."""
     row = db.get(entity, object_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"{entity.__name__.lower()} {object_id} not found", {"id": object_id})
     return row

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.api.deps import get_task_queue
 from app.main import app
+from tests.factories import LOCAL_AUTH
 from tests.migrations import upgrade_head
 
 
@@ -58,7 +59,7 @@ def queue() -> Iterator[InProcessQueue]:
 
 @pytest.fixture
 def client(queue: InProcessQueue) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
+    with TestClient(app, headers=LOCAL_AUTH) as test_client:
         yield test_client
 
 

@@ -130,10 +130,12 @@ def test_zip_bomb_cap(tmp_path, writer):
 
 
 def test_undecodable_images_are_listed(tmp_path):
-    path = _zip(tmp_path / "d.zip", {**FOLDER, "dogs/broken.png": b"\x89PNG\r\n\x1a\nnot really", "cats/x.jpg": b"junk"})
+    # An EPS file under an image name must not reach PIL's Ghostscript-based decoder.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    members = {**FOLDER, "dogs/broken.png": b"\x89PNG\r\n\x1a\nnot really", "cats/x.jpg": b"junk", "cats/ps.png": eps}
     with pytest.raises(DatasetError) as caught:
-        inspect_dataset(path)
-    assert caught.value.details["undecodable_count"] == 2
+        inspect_dataset(_zip(tmp_path / "d.zip", members))
+    assert caught.value.details["undecodable_count"] == 3
     assert "dogs/broken.png" in caught.value.details["undecodable_examples"]
 
 

@@ -34,17 +34,18 @@ def test_safetensors_round_trip(tmp_path, small_model, save_safetensors):
     assert _same_outputs(model, load_model(source).eval())
 
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module_prefix"])
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module_prefix", "legacy_format"])
 def test_state_dict_round_trip(tmp_path, small_model, wrap):
     model = small_model()
     state = model.state_dict()
     if wrap == "module_prefix":
         payload = {f"module.{k}": v for k, v in state.items()}
-    elif wrap:
+    elif wrap in {"state_dict", "model"}:
         payload = {wrap: state, "epoch": 3}
     else:
         payload = state
-    torch.save(payload, tmp_path / "model.pt")
+    # legacy_format: the pre-1.6 non-zip torch.save layout
+    torch.save(payload, tmp_path / "model.pt", _use_new_zipfile_serialization=wrap != "legacy_format")
     source, info = inspect_model(tmp_path / "model.pt", "mobilenet_v3_small", {"num_classes": 10})
     assert source.format == "state_dict" and info.num_outputs == 10
     assert _same_outputs(model, load_model(source).eval())

@@ -154,3 +154,23 @@ def test_engine_import_stays_off_the_web_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_exported_program_source(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    ).eval()
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 16, 16),)), tmp_path / "net.pt2")
+    source, info = inspect_model(tmp_path / "net.pt2", None, {})
+    spec = PipelineSpec.model_validate({
+        "steps": [{"kind": "prune", "amount": 0.5, "ignore_layers": []}, {"kind": "benchmark", "batch_sizes": [1, 3], "repetitions": 2}],
+    })
+    result = run_pipeline(source, spec, None, tmp_path / "out", PipelineHooks())
+    report = result.report
+    assert report["model"]["input_shape"] == [3, 16, 16]  # from the program's example input
+    assert report["final"]["sparsity"] > 0.4 and report["final"]["macs"] > 0
+    assert report["export"]["pt2"]["verified"] and not report["export"]["onnx"]["ok"]
+    program = load_exported_artifact(tmp_path / "out" / "model.pt2")
+    assert float((program.get_parameter("0.weight") == 0).float().mean()) == pytest.approx(0.5, abs=0.02)

@@ -115,7 +115,7 @@ def _wait_running(client: httpx.Client, job_id: str, timeout: float = 120) -> di
 
 def test_sigkilled_worker_job_completes_exactly_once(processes):
     worker = processes.start_worker("modelpress.jobs", "jobs")
-    with httpx.Client(base_url=processes.url, timeout=120) as client:
+    with httpx.Client(base_url=processes.url, timeout=120, headers=factories.LOCAL_AUTH) as client:
         job_id = _submit_training_job(client, epochs=8)
         _wait_running(client, job_id)
         time.sleep(1.0)
@@ -134,7 +134,7 @@ def test_sigkilled_worker_job_completes_exactly_once(processes):
 
 def test_cancel_stops_a_running_job_promptly_and_the_worker_takes_the_next(processes):
     processes.start_worker("modelpress.jobs", "jobs")
-    with httpx.Client(base_url=processes.url, timeout=120) as client:
+    with httpx.Client(base_url=processes.url, timeout=120, headers=factories.LOCAL_AUTH) as client:
         long_job = _submit_training_job(client, epochs=1000)
         _wait_running(client, long_job)
         asked = time.monotonic()

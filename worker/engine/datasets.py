@@ -24,6 +24,9 @@ from jobspec.steps import Preprocessing
 from worker.engine.types import DatasetError, DatasetInfo, DatasetSource, TensorData
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# PIL picks a decoder from the bytes, not the name; limit it to plain raster formats so that e.g.
+# an EPS file renamed .png never reaches Ghostscript.
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 NOT_A_DATASET = (
     "not a zip / tar(.gz) of one folder per class of images, nor a safetensors / .npz file with "
     "'inputs' and 'labels'"
@@ -188,7 +191,7 @@ def _open_image(data: bytes) -> Image.Image:
     with warnings.catch_warnings():
         # A decompression-bomb warning means an absurd pixel count: treat it as undecodable.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         image.load()
     return image.convert("RGB")
 
@@ -196,7 +199,7 @@ def _open_image(data: bytes) -> Image.Image:
 def _verify_image(data: bytes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.open(io.BytesIO(data)).verify()
+        Image.open(io.BytesIO(data), formats=PIL_FORMATS).verify()
 
 
 def _inspect_images(archive: _Archive) -> DatasetInfo:

@@ -167,6 +167,7 @@ def write_model_artifacts(
         # TorchScript is deprecated upstream but remains the one portable format for eager int8 models.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # traced guards of exported programs
             traced = torch.jit.trace(model, example, check_trace=False)
             atomic_write(workdir / "model.torchscript.pt", lambda p: torch.jit.save(traced, str(p)))
             reloaded = torch.jit.load(str(workdir / "model.torchscript.pt"), map_location="cpu")
@@ -175,7 +176,10 @@ def write_model_artifacts(
     if _try("torchscript", status, torchscript):
         add("model.torchscript.pt", "torchscript", "TorchScript (traced): torch.jit.load(path)")
 
-    if onnx and not quantized and not is_exported(model):
+    if quantized or is_exported(model):
+        why = "int8 eager modules" if quantized else "exported programs traced at a fixed batch size"
+        status["onnx"] = {"ok": False, "reason": f"ONNX export is not attempted for {why}"}
+    elif onnx:
         from worker.engine.onnx_export import export_onnx
 
         def onnx_artifact() -> dict[str, Any]:

@@ -69,7 +69,7 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | None, str | None]:
     """MACs of one forward at the example input's batch size, or (None, why not)."""
     if is_exported(model):
-        return None, "MACs are counted from nn.Conv / nn.Linear modules, which an exported program no longer has"
+        return _aten_macs(model, example_input)
     if is_quantized(model):
         return None, "MAC counting does not understand quantized modules"
     import torch_pruning as tp
@@ -80,6 +80,19 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | Non
     except Exception as exc:  # third-party tracing: any failure just means "not measured"
         return None, f"MAC counting failed: {type(exc).__name__}: {str(exc)[:200]}"
     return int(macs), None
+
+
+def _aten_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | None, str | None]:
+    """MACs from the aten ops a forward runs (conv, matmul, attention): works for exported programs,
+    whose layers are no longer nn.Conv / nn.Linear modules."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_input.to(module_device(model, example_input.device)))
+    except Exception as exc:  # any failure just means "not measured"
+        return None, f"MAC counting failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return int(counter.get_total_flops() // 2), None
 
 
 def serialized_bytes(model: nn.Module) -> tuple[bytes, str]:

@@ -21,7 +21,7 @@ from worker.engine.types import StepContext, StepError, StepOutcome
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # target_macs_reduction: prune in this many small rounds at most, checking MACs after each.
-_MAC_SEARCH_ROUNDS = 40
+_MAC_SEARCH_ROUNDS = 20
 _MAC_SEARCH_MAX_RATIO = 0.95
 _CALIBRATION_BATCH = 32
 

@@ -66,7 +66,7 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
 
     guarded = _guard(quantizer, reference, inputs, spec)
     quantized = guarded.model
-    states = {name: _is_quantized(_submodule(quantized, name)) for name in quantizer.candidates}
+    states = {name: _is_quantized(_submodule(quantized, name)) for name in quantizer.layers}
     details: dict[str, Any] = {
         "mode": spec.mode,
         "backend": spec.backend,
@@ -93,13 +93,16 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
 
 
 class _Quantizer:
-    candidates: list[str]
+    layers: list[str]  # every layer of the kinds this mode handles, for the report
+    candidates: list[str]  # those it may quantize (outside skip_layers)
 
     def build(self, keep_fp32: frozenset[str]) -> nn.Module:
         raise NotImplementedError
 
-    def simulates_input_quantization(self) -> bool:
-        return True
+    # Which tensors the int8 version rounds besides weights: layer inputs (dynamic, static) and
+    # layer outputs (static only: dynamic and weight-only layers return float).
+    quantizes_inputs = True
+    quantizes_outputs = False
 
     def details(self) -> dict[str, Any]:
         return {}
@@ -111,6 +114,7 @@ class _Dynamic(_Quantizer):
     def __init__(self, model: nn.Module, spec: QuantizeStep):
         self.model = model
         self.spec = spec
+        self.layers = _candidates(model, nn.Linear, *RNN_LAYERS, skip=[])
         self.candidates = _candidates(model, nn.Linear, *RNN_LAYERS, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError(
@@ -137,8 +141,11 @@ class _Static(_Quantizer):
     model with more layers' qconfig set to None.
     """
 
+    quantizes_outputs = True
+
     def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
         self.spec = spec
+        self.layers = _candidates(model, *CONV_LAYERS, nn.Linear, skip=[])
         self.candidates = _candidates(model, *CONV_LAYERS, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError("static quantization found no conv / linear layers to quantize (outside skip_layers)")
@@ -183,6 +190,7 @@ class _WeightOnly(_Quantizer):
     def __init__(self, model: nn.Module, spec: QuantizeStep):
         self.model = model
         self.spec = spec
+        self.layers = _candidates(model, nn.Linear, skip=[])
         self.candidates = _candidates(model, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError("weight_only quantization applies to nn.Linear layers and this model has none (outside skip_layers)")
@@ -194,8 +202,7 @@ class _WeightOnly(_Quantizer):
                 _replace(quantized, name, WeightOnlyInt8Linear.from_linear(quantized.get_submodule(name), self.spec.per_channel))
         return quantized
 
-    def simulates_input_quantization(self) -> bool:
-        return False
+    quantizes_inputs = False
 
     def details(self) -> dict[str, Any]:
         return {"note": "int8 weight storage shrinks the model; weights are dequantized per call, so no CPU speedup is expected"}
@@ -252,7 +259,8 @@ def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, sp
         reference,
         quantizer.candidates,
         inputs[:SENSITIVITY_SAMPLES],
-        quantize_inputs=quantizer.simulates_input_quantization(),
+        quantize_inputs=quantizer.quantizes_inputs,
+        quantize_outputs=quantizer.quantizes_outputs,
         per_channel=spec.per_channel,
         activation_levels=_activation_levels(spec.backend),
     )
@@ -294,13 +302,15 @@ def layer_sensitivity(
     inputs: torch.Tensor,
     *,
     quantize_inputs: bool,
+    quantize_outputs: bool = False,
     per_channel: bool,
     activation_levels: int = 256,
 ) -> dict[str, float]:
     """Noise-to-signal ratio of each layer's output when only that layer is int8, in one fp32 pass.
 
     Each hooked conv/linear recomputes its output from a fake-quantized copy of its own fp32 input
-    and weight, so errors do not accumulate from earlier layers. RNN layers are ranked by weight
+    and weight (and rounds that output when the mode does), so errors do not accumulate from
+    earlier layers. Requantizing a conv's output before a folded BatchNorm is an approximation. RNN layers are ranked by weight
     error alone.
     """
     scores: dict[str, float] = {}
@@ -316,6 +326,8 @@ def layer_sensitivity(
                 simulated = nn.functional.linear(x, weight, module.bias)
             else:
                 simulated = module._conv_forward(x, weight, module.bias)
+            if quantize_outputs:
+                simulated = _fake_quant_activation(simulated, activation_levels)
             scores[name] = float(((simulated - output) ** 2).sum() / (output**2).sum().clamp_min(1e-12))
 
         return hook

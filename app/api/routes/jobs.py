@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, StoreDep
-from app.db.models import Artifact, Job
+from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.db.models import Artifact, Job, Tenant
 from app.errors import NotFound
 from app.schemas import ArtifactRead, ErrorResponse, JobCreate, JobEventRead, JobRead, Page
 from app.services import jobs as job_service
+from app.services.idempotency import IdempotencyKey
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -26,12 +27,28 @@ StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
         404: {"model": ErrorResponse, "description": "model_id or dataset_id does not exist"},
         409: {"model": ErrorResponse, "description": "the model or dataset is not ready"},
         422: {"model": ErrorResponse, "description": "invalid spec; `error.details` names the field"},
+        429: {"model": ErrorResponse, "description": "the tenant's limit of queued + running jobs is reached"},
         503: {"model": ErrorResponse, "description": "queue unreachable; no job was created"},
     },
 )
-def submit_job(payload: JobCreate, response: Response, db: SessionDep, queue: QueueDep) -> Job:
-    """Queue a compression job. Poll the returned `Location` for its status."""
-    job = job_service.create(db=db, queue=queue, payload=payload)
+def submit_job(
+    payload: JobCreate,
+    response: Response,
+    db: SessionDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    principal: TenantDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> Job:
+    """Queue a compression job. Poll the returned `Location` for its status.
+
+    Send an `Idempotency-Key` header to make retries safe: the same key returns the same job.
+    """
+    idem = IdempotencyKey.of(tenant_id=principal.tenant_id, key=idempotency_key, scope="jobs",
+                             request=payload.model_dump(mode="json"))
+    tenant = db.get(Tenant, principal.tenant_id)
+    job = job_service.create(db=db, queue=queue, tenant=tenant, default_limit=settings.max_concurrent_jobs_per_tenant,
+                             payload=payload, idem=idem)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
@@ -39,12 +56,13 @@ def submit_job(payload: JobCreate, response: Response, db: SessionDep, queue: Qu
 @router.get("", response_model=Page[JobRead])
 def list_jobs(
     db: SessionDep,
+    principal: TenantDep,
     status: StatusFilter | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:
     """Jobs, newest first; follow `next_cursor` for more."""
-    items, next_cursor = job_service.list_jobs(db=db, status=status, limit=limit, cursor=cursor)
+    items, next_cursor = job_service.list_jobs(db=db, tenant_id=principal.tenant_id, status=status, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": next_cursor}
 
 

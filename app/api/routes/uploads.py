@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from sqlalchemy import select
 
-from app.api.deps import DatasetDep, ModelDep, QueueDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import DatasetDep, ModelDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.db.models import Dataset, Model, UploadStatus
 from app.errors import PayloadTooLarge, Unprocessable
 from app.schemas import DatasetRead, ErrorResponse, ModelRead, Page
@@ -23,6 +23,10 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "The task queue is unreachable; nothing was stored."},
 }
 Limit = Annotated[int, Query(ge=1, le=200)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=255, description="Retrying with the same key returns the first result."),
+]
 
 
 def _reject_oversized(request: Request, settings: SettingsDep) -> None:
@@ -65,26 +69,30 @@ def upload_model(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    principal: TenantDep,
     file: Annotated[UploadFile, File(description="safetensors, a state_dict .pt, or a torch.export .pt2")],
     architecture: Annotated[str | None, Form(max_length=100, description="torchvision name, e.g. resnet18")] = None,
     arch_kwargs: Annotated[str | None, Form(max_length=10000, description='JSON, e.g. {"num_classes": 10}')] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Model:
     """Upload a model. Weights need `architecture`; a torch.export program needs nothing else."""
     _reject_oversized(request, settings)
     kwargs = _parse_kwargs(arch_kwargs)
     sha, size = upload_service.store_upload(store=store, stream=file.file, settings=settings)
     filename = (file.filename or "model")[:255]
-    row = Model(name=name or filename, filename=filename, sha256=sha, size_bytes=size,
+    row = Model(tenant_id=principal.tenant_id, name=name or filename, filename=filename, sha256=sha, size_bytes=size,
                 architecture=architecture or None, arch_kwargs=kwargs)
-    row = upload_service.create_and_validate(db=db, store=store, queue=queue, settings=settings, row=row)
+    row = upload_service.create_and_validate(db=db, store=store, queue=queue, settings=settings, row=row,
+                                             idempotency_key=idempotency_key)
     _created(response, row, "models")
     return row
 
 
 @router.get("/models", response_model=Page[ModelRead])
-def list_models(db: SessionDep, limit: Limit = 50, cursor: str | None = None) -> dict[str, Any]:
-    items, next_cursor = paginate(db, select(Model), Model, limit=limit, cursor=cursor)
+def list_models(db: SessionDep, principal: TenantDep, limit: Limit = 50, cursor: str | None = None) -> dict[str, Any]:
+    stmt = select(Model).where(Model.tenant_id == principal.tenant_id)
+    items, next_cursor = paginate(db, stmt, Model, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": next_cursor}
 
 
@@ -106,22 +114,27 @@ def upload_dataset(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    principal: TenantDep,
     file: Annotated[UploadFile, File(description="zip / tar.gz image folders, or safetensors / .npz tensors")],
     name: Annotated[str | None, Form(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Dataset:
     """Upload a dataset: an ImageFolder archive, or tensors named `inputs` and `labels`."""
     _reject_oversized(request, settings)
     sha, size = upload_service.store_upload(store=store, stream=file.file, settings=settings)
     filename = (file.filename or "dataset")[:255]
-    row = Dataset(name=name or filename, filename=filename, sha256=sha, size_bytes=size)
-    row = upload_service.create_and_validate(db=db, store=store, queue=queue, settings=settings, row=row)
+    row = Dataset(tenant_id=principal.tenant_id, name=name or filename, filename=filename, sha256=sha,
+                  size_bytes=size)
+    row = upload_service.create_and_validate(db=db, store=store, queue=queue, settings=settings, row=row,
+                                             idempotency_key=idempotency_key)
     _created(response, row, "datasets")
     return row
 
 
 @router.get("/datasets", response_model=Page[DatasetRead])
-def list_datasets(db: SessionDep, limit: Limit = 50, cursor: str | None = None) -> dict[str, Any]:
-    items, next_cursor = paginate(db, select(Dataset), Dataset, limit=limit, cursor=cursor)
+def list_datasets(db: SessionDep, principal: TenantDep, limit: Limit = 50, cursor: str | None = None) -> dict[str, Any]:
+    stmt = select(Dataset).where(Dataset.tenant_id == principal.tenant_id)
+    items, next_cursor = paginate(db, stmt, Dataset, limit=limit, cursor=cursor)
     return {"items": items, "next_cursor": next_cursor}
 
 
