@@ -36,7 +36,7 @@ CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 RNN_LAYERS = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 CALIBRATION_BATCH_SIZE = 32
 FIDELITY_SAMPLES = 256  # outputs compared with the fp32 model
-SENSITIVITY_SAMPLES = 64  # inputs for the per-layer sensitivity pass
+SENSITIVITY_SAMPLES = 32  # inputs for the per-layer sensitivity passes (one forward per layer)
 MAX_GUARD_ROUNDS = 5  # keeps the top 1, 2, 4, 8, 16 most sensitive layers in fp32
 CPU = torch.device("cpu")
 
@@ -306,36 +306,40 @@ def layer_sensitivity(
     per_channel: bool,
     activation_levels: int = 256,
 ) -> dict[str, float]:
-    """Noise-to-signal ratio of each layer's output when only that layer is int8, in one fp32 pass.
+    """Noise-to-signal ratio of the model's output when only one layer at a time is int8.
 
-    Each hooked conv/linear recomputes its output from a fake-quantized copy of its own fp32 input
-    and weight (and rounds that output when the mode does), so errors do not accumulate from
-    earlier layers. Requantizing a conv's output before a folded BatchNorm is an approximation. RNN layers are ranked by weight
-    error alone.
+    One fp32 forward pass per layer: a hook swaps that layer's output for one computed from
+    fake-quantized input and weights (and a rounded output where the mode rounds outputs), so the
+    score includes how much the rest of the network amplifies that layer's error. RNN layers are
+    ranked by their weight error alone.
     """
+    model.eval()
+    reference = model(inputs)
+    power = (reference.float() ** 2).sum().clamp_min(1e-12)
     scores: dict[str, float] = {}
-    handles = []
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0]
-            if quantize_inputs:
-                x = _fake_quant_activation(x, activation_levels)
-            weight = _dequantize(*_symmetric_int8(module.weight.float(), per_channel)).to(module.weight.dtype)
-            if isinstance(module, nn.Linear):
-                simulated = nn.functional.linear(x, weight, module.bias)
-            else:
-                simulated = module._conv_forward(x, weight, module.bias)
-            if quantize_outputs:
-                simulated = _fake_quant_activation(simulated, activation_levels)
-            scores[name] = float(((simulated - output) ** 2).sum() / (output**2).sum().clamp_min(1e-12))
-
-        return hook
+    def simulate(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if quantize_inputs:
+            x = _fake_quant_activation(x, activation_levels)
+        weight = _dequantize(*_symmetric_int8(module.weight.float(), per_channel)).to(module.weight.dtype)
+        if isinstance(module, nn.Linear):
+            simulated = nn.functional.linear(x, weight, module.bias)
+        else:
+            simulated = module._conv_forward(x, weight, module.bias)
+        if quantize_outputs:
+            simulated = _fake_quant_activation(simulated, activation_levels)
+        return simulated
 
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, (nn.Linear, *CONV_LAYERS)):
-            handles.append(module.register_forward_hook(hook_for(name)))
+            handle = module.register_forward_hook(simulate)
+            try:
+                out = model(inputs)
+            finally:
+                handle.remove()
+            scores[name] = float(((out.float() - reference.float()) ** 2).sum() / power)
         else:
             weights = [p for p_name, p in module.named_parameters() if "weight" in p_name]
             errors = []
@@ -343,11 +347,6 @@ def layer_sensitivity(
                 restored = _dequantize(*_symmetric_int8(weight.float(), per_channel=False))
                 errors.append(float(((restored - weight) ** 2).sum() / (weight**2).sum().clamp_min(1e-12)))
             scores[name] = max(errors, default=0.0)
-    try:
-        model.eval()(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return scores
 
 
