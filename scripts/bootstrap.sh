@@ -14,7 +14,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q --upgrade pip >&2
   # torch first and pinned, so no other package can pull a different build.
   "$venv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1" >&2
-  "$venv/bin/pip" install -q -e "$root[worker,test]" >&2
+  "$venv/bin/pip" install -q -e "$root[worker,cli,test]" >&2
   touch "$venv/.complete"
 fi
 # Point the shared venv's editable install at this clone (cheap; no dependency resolution).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.db.models import Artifact, Job, Tenant
@@ -13,6 +13,7 @@ from app.errors import NotFound
 from app.schemas import ArtifactRead, ErrorResponse, JobCreate, JobEventRead, JobRead, Page
 from app.services import jobs as job_service
 from app.services.idempotency import IdempotencyKey
+from app.services.job_watch import event_stream, wait_for_change
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -67,7 +68,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead, responses={404: {"model": ErrorResponse}})
-def get_job(job: JobDep) -> Job:
+async def get_job(
+    job: JobDep,
+    db: SessionDep,
+    wait: Annotated[float, Query(ge=0, le=60, description="Long-poll: answer when the job changes or after this many seconds")] = 0,
+) -> Job:
+    """A job's status, progress and current step. With `wait`, the answer waits for a change."""
+    if wait:
+        job = await wait_for_change(db=db, job=job, timeout_s=wait)
     return job
 
 
@@ -82,9 +90,29 @@ def cancel_job(job: JobDep, db: SessionDep) -> Job:
     return job_service.cancel(db=db, job=job)
 
 
-@router.get("/{job_id}/events", response_model=list[JobEventRead], responses={404: {"model": ErrorResponse}})
-def list_events(job: JobDep, after: Annotated[int, Query(ge=0)] = 0) -> list[Any]:
-    """The job's timeline: status changes, step starts and ends (pass `after` = last seen id)."""
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEventRead],
+    responses={
+        200: {"content": {"text/event-stream": {"description": "with Accept: text/event-stream: live events"}}},
+        404: {"model": ErrorResponse},
+    },
+)
+def list_events(
+    job: JobDep,
+    request: Request,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id")] = 0,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+) -> Any:
+    """The job's timeline: status changes, step starts and ends.
+
+    With `Accept: text/event-stream` the answer is a Server-Sent Events stream: the stored events,
+    then each new one as it happens and `progress` updates, ending after the final status.
+    """
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = max(after, last_event_id or 0)
+        return StreamingResponse(event_stream(job.id, start), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return [event for event in job.events if event.id > after]
 
 
