@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api.routes import admin, health, jobs, uploads
+from app.api.routes import admin, health, jobs, tenant, uploads
 from app.errors import install_error_handlers
 
 
@@ -20,6 +20,7 @@ def create_app() -> FastAPI:
     app.include_router(uploads.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.include_router(tenant.router)
     return app
 
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from celery import Celery
 
-from app.core.celery_config import INSPECT_DATASET, INSPECT_MODEL, RUN_JOB, celery_config
+from app.core.celery_config import DELIVER_WEBHOOK, INSPECT_DATASET, INSPECT_MODEL, RUN_JOB, celery_config
 from app.core.config import get_settings
 
 
@@ -19,6 +19,10 @@ class TaskQueue(Protocol):
     def enqueue_job(self, job_id: str) -> None: ...
     def enqueue_model_inspection(self, model_id: str) -> None: ...
     def enqueue_dataset_inspection(self, dataset_id: str) -> None: ...
+    def enqueue_webhook(self, job_id: str) -> None: ...
+    def enqueue_webhook(self, job_id: str) -> None:
+        self._send(DELIVER_WEBHOOK, job_id)
+
     def ping(self) -> bool: ...
 
 
@@ -28,8 +32,7 @@ class CeleryQueue:
 
     def _send(self, name: str, object_id: str) -> None:
         try:
-            # The task id is the object id, so a duplicate send is recognisable in worker logs.
-            self.client.send_task(name, args=[object_id], task_id=f"{name}:{object_id}", retry=True,
+            self.client.send_task(name, args=[object_id], retry=True,
                                   retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
         except Exception as exc:  # kombu raises transport-specific errors
             raise QueueUnavailable(f"the task queue is unreachable: {exc}") from exc
@@ -42,6 +45,9 @@ class CeleryQueue:
 
     def enqueue_dataset_inspection(self, dataset_id: str) -> None:
         self._send(INSPECT_DATASET, dataset_id)
+
+    def enqueue_webhook(self, job_id: str) -> None:
+        self._send(DELIVER_WEBHOOK, job_id)
 
     def ping(self) -> bool:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from jobspec import PipelineSpec
 
@@ -68,9 +68,12 @@ class JobCreate(PipelineSpec):
 
     model_id: str = Field(min_length=1, max_length=64)
     dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    callback_url: AnyHttpUrl | None = Field(
+        None, description="POSTed the job (HMAC-SHA256 signed, see GET /v1/tenant) when it reaches a final state."
+    )
 
     def pipeline(self) -> PipelineSpec:
-        return PipelineSpec.model_validate(self.model_dump(exclude={"model_id", "dataset_id"}))
+        return PipelineSpec.model_validate(self.model_dump(exclude={"model_id", "dataset_id", "callback_url"}))
 
 
 class JobRead(_Read):
@@ -86,6 +89,7 @@ class JobRead(_Read):
     error: dict[str, Any] | None
     attempts: int
     spec: dict[str, Any]
+    callback_url: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -127,6 +131,10 @@ class TenantRead(_Read):
     name: str
     max_concurrent_jobs: int | None
     created_at: datetime
+
+
+class TenantSelf(TenantRead):
+    webhook_secret: str = Field(description="Verifies X-ModelPress-Signature on webhook deliveries.")
 
 
 class ApiKeyCreate(BaseModel):

@@ -14,6 +14,7 @@ from jobspec.steps import (
     QuantizeStep,
     Step,
     StepKind,
+    Targets,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "QuantizeStep",
     "Step",
     "StepKind",
+    "Targets",
 ]

@@ -142,6 +142,22 @@ class Preprocessing(_Spec):
     seed: int = 0
 
 
+class Targets(_Spec):
+    """Goals the result must meet; a missed target is reported (and fails `modelpress submit --wait`)."""
+
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=100.0)] | None = Field(
+        None, description="Top-1 accuracy may fall by at most this many percentage points (needs labelled data)."
+    )
+    min_speedup: Annotated[float, Field(gt=0.0, le=1000.0)] | None = Field(
+        None, description="Measured p50 speedup vs the original at every benchmarked batch size (needs a benchmark step)."
+    )
+    max_size_ratio: Annotated[float, Field(gt=0.0, le=10.0)] | None = Field(
+        None, description="Serialized size of the result / the original's."
+    )
+    min_top1_agreement: Fraction | None = Field(None, description="Share of inputs where the top-1 class is unchanged.")
+    min_output_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+
+
 class PipelineSpec(_Spec):
     """The ordered steps of one job plus what the engine needs to run them."""
 
@@ -155,6 +171,7 @@ class PipelineSpec(_Spec):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    targets: Targets | None = None
 
     @field_validator("steps")
     @classmethod

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.core.celery_config import INSPECT_DATASET, INSPECT_MODEL, RUN_JOB
-from worker import jobs
+from app.core.celery_config import DELIVER_WEBHOOK, INSPECT_DATASET, INSPECT_MODEL, RUN_JOB
+from worker import jobs, webhooks
 from worker.celery_app import celery
 
 
@@ -20,3 +20,10 @@ def inspect_model(model_id: str) -> None:
 @celery.task(name=INSPECT_DATASET)
 def inspect_dataset(dataset_id: str) -> None:
     jobs.inspect_dataset_upload(dataset_id)
+
+
+@celery.task(name=DELIVER_WEBHOOK)
+def deliver_webhook(job_id: str, attempt: int = 0) -> None:
+    delay = webhooks.deliver(job_id, attempt)
+    if delay is not None:
+        celery.send_task(DELIVER_WEBHOOK, args=[job_id, attempt + 1], countdown=delay)

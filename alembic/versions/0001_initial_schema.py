@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 07:33:26.462817
+Create Date: 2026-11-22 07:50:32.221473
 """
 from alembic import op
 import sqlalchemy as sa
@@ -20,6 +20,7 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('max_concurrent_jobs', sa.Integer(), nullable=True),
+    sa.Column('webhook_secret', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenants')),
     sa.UniqueConstraint('name', name=op.f('uq_tenants_name'))
@@ -101,6 +102,7 @@ def upgrade() -> None:
     sa.Column('model_id', sa.String(length=32), nullable=False),
     sa.Column('dataset_id', sa.String(length=32), nullable=True),
     sa.Column('spec', sa.JSON(), nullable=False),
+    sa.Column('callback_url', sa.String(length=2000), nullable=True),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('progress', sa.Float(), nullable=False),

@@ -15,6 +15,7 @@ INSPECT_QUEUE = "modelpress.inspect"
 RUN_JOB = "modelpress.run_job"
 INSPECT_MODEL = "modelpress.inspect_model"
 INSPECT_DATASET = "modelpress.inspect_dataset"
+DELIVER_WEBHOOK = "modelpress.deliver_webhook"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -49,6 +50,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             RUN_JOB: {"queue": JOBS_QUEUE},
             INSPECT_MODEL: {"queue": INSPECT_QUEUE},
             INSPECT_DATASET: {"queue": INSPECT_QUEUE},
+            # Webhooks share the light queue: quick I/O that must not wait behind a long job.
+            DELIVER_WEBHOOK: {"queue": INSPECT_QUEUE},
         },
         "task_soft_time_limit": settings.job_soft_time_limit_s,
         "task_time_limit": settings.job_time_limit_s,

@@ -38,7 +38,11 @@ def get_engine() -> Engine:
 
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+    from app.services import webhooks
+
+    factory = sessionmaker(bind=get_engine(), expire_on_commit=False)
+    webhooks.install(factory)
+    return factory
 
 
 @contextmanager

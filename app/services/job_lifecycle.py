@@ -8,6 +8,8 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobEvent, JobStatus, utcnow
 
+PENDING_WEBHOOKS = "modelpress.pending_webhooks"
+
 ALLOWED = {
     JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED},
     # RUNNING -> QUEUED: a job whose worker died is handed to another worker.
@@ -43,6 +45,9 @@ def transition(
         job.error = None
     if to in JobStatus.TERMINAL:
         job.finished_at = now
+        if job.callback_url:
+            # Sent by the session's after-commit hook (app.services.webhooks), never for a rolled-back change.
+            db.info.setdefault(PENDING_WEBHOOKS, set()).add(job.id)
         if to == JobStatus.SUCCEEDED:
             job.progress = 100.0
     if error is not None:

@@ -60,7 +60,9 @@ def create(
             code="input_shape_required",
         )
     _check_concurrency(db=db, tenant=tenant, default_limit=default_limit)
-    job = Job(tenant_id=tenant.id, model_id=payload.model_id, dataset_id=payload.dataset_id, spec=pipeline.model_dump(mode="json"))
+    job = Job(tenant_id=tenant.id, model_id=payload.model_id, dataset_id=payload.dataset_id,
+              spec=pipeline.model_dump(mode="json"),
+              callback_url=str(payload.callback_url) if payload.callback_url else None)
     db.add(job)
     db.flush()
     add_event(db, job, "status", status=JobStatus.QUEUED, message="job accepted")

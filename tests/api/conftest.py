@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.api.deps import get_task_queue
 from app.main import app
+from app.services import webhooks
 from tests.factories import LOCAL_AUTH
 from tests.migrations import upgrade_head
 
@@ -40,6 +41,14 @@ class InProcessQueue:
         self.sent.append(("dataset", dataset_id))
         inspect_dataset_upload(dataset_id)
 
+    def enqueue_webhook(self, job_id: str) -> None:
+        from worker.webhooks import deliver
+
+        self.sent.append(("webhook", job_id))
+        attempt = 0
+        while deliver(job_id, attempt) is not None:  # retries at once; the backoff is tested on its own
+            attempt += 1
+
     def ping(self) -> bool:
         return True
 
@@ -53,8 +62,10 @@ def _schema() -> None:
 def queue() -> Iterator[InProcessQueue]:
     q = InProcessQueue()
     app.dependency_overrides[get_task_queue] = lambda: q
+    webhooks.queue_provider = lambda: q
     yield q
     app.dependency_overrides.pop(get_task_queue, None)
+    webhooks.queue_provider = webhooks._default_queue
 
 
 @pytest.fixture
