@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from app.api.routes import admin, health, jobs, tenant, uploads
 from app.errors import install_error_handlers
+from app.observability import install_metrics
 
 
 def create_app() -> FastAPI:
@@ -16,6 +17,7 @@ def create_app() -> FastAPI:
         "(prune, fine-tune, quantize, distill, benchmark), collect a smaller model and a measured report.",
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(health.router)
     app.include_router(uploads.router)
     app.include_router(jobs.router)
