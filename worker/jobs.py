@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from app.services.job_lifecycle import add_event, transition
 from app.storage import BlobStore
 from jobspec import PipelineSpec
 from worker import engine
-from worker.recovery import heartbeat_is_fresh
 from worker.engine.types import Artifact as EngineArtifact
 from worker.engine.types import Canceled, DatasetSource, EngineError, ModelSource, PipelineHooks
+from worker.logs import job_log
+from worker.recovery import heartbeat_is_fresh
 
 log = logging.getLogger("modelpress.worker")
 
@@ -103,12 +105,14 @@ class _JobTracker:
                              on_progress=self._progress, check_canceled=self._check_canceled)
 
     def _step_start(self, index: int, kind: str) -> None:
+        log.info("step %d (%s) started", index, kind)
         with session_scope() as db:
             job = db.get(Job, self.job_id)
             job.current_step, job.current_step_kind, job.heartbeat_at = index, kind, utcnow()
             add_event(db, job, "step_started", step=index, kind=kind, message=f"step {index} ({kind}) started")
 
     def _step_end(self, index: int, kind: str, summary: dict[str, Any]) -> None:
+        log.info("step %d (%s) finished", index, kind, extra={"summary": summary})
         with session_scope() as db:
             job = db.get(Job, self.job_id)
             job.heartbeat_at = utcnow()
@@ -164,7 +168,10 @@ class _Heartbeat:
                 log.exception("heartbeat of job %s failed", self.job_id)
 
 
-def _start(job_id: str, worker_name: str) -> tuple[PipelineSpec, ModelSource, DatasetSource | None, int] | None:
+_Claimed = tuple[PipelineSpec, ModelSource, DatasetSource | None, int]
+
+
+def _start(job_id: str, worker_name: str) -> _Claimed | None:
     """Claim the job; None when there is nothing to run (finished, canceled or unknown)."""
     store = _store()
     with session_scope() as db:
@@ -222,34 +229,61 @@ def _finish(job_id: str, status: str, *, message: str, error: dict[str, Any] | N
         transition(db, job, status, message=message, error=error)
 
 
-def execute_job(job_id: str, *, worker_name: str) -> None:
-    """Run one job end to end. Running it again after a crash starts it over and writes one result."""
-    claimed = _start(job_id, worker_name)
-    if claimed is None:
-        return
+@dataclass
+class _Outcome:
+    status: str
+    message: str
+    error: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+def _run(job_id: str, claimed: _Claimed, workdir: Path) -> _Outcome:
     spec, model_source, dataset_source, attempt = claimed
-    workdir = get_settings().work_dir / job_id / f"attempt-{attempt}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    log.info("job started (attempt %d)", attempt, extra={"steps": [s.kind for s in spec.steps]})
     try:
         with _Heartbeat(job_id):
             result = engine.run_pipeline(model_source, spec, dataset_source, workdir, _JobTracker(job_id).hooks())
             artifacts = _store_artifacts(result.artifacts)
     except Canceled:
-        _finish(job_id, JobStatus.CANCELED, message="canceled while running")
+        log.info("job canceled")
+        return _Outcome(JobStatus.CANCELED, "canceled while running")
     except EngineError as exc:
-        _finish(job_id, JobStatus.FAILED, message=exc.message, error=exc.to_dict())
+        log.info("job failed: %s", exc.message, extra={"error": exc.to_dict()})
+        return _Outcome(JobStatus.FAILED, exc.message, error=exc.to_dict())
     except SoftTimeLimitExceeded:
         limit = get_settings().job_soft_time_limit_s
-        _finish(job_id, JobStatus.FAILED, message=f"the job ran past its time limit of {limit} s",
-                error={"code": "time_limit", "message": f"time limit of {limit} s exceeded", "details": {}})
+        log.warning("job ran past its time limit of %s s", limit)
+        return _Outcome(JobStatus.FAILED, f"the job ran past its time limit of {limit} s",
+                        error={"code": "time_limit", "message": f"time limit of {limit} s exceeded", "details": {}})
     except Exception as exc:
-        log.exception("job %s crashed", job_id)
-        _finish(job_id, JobStatus.FAILED, message="internal error", error=_internal_error(exc))
-    else:
-        _finish(job_id, JobStatus.SUCCEEDED, message="done", report=result.report, artifacts=artifacts)
+        log.exception("job crashed")
+        return _Outcome(JobStatus.FAILED, "internal error", error=_internal_error(exc))
+    log.info("job succeeded", extra={"artifacts": [a.name for a in artifacts]})
+    return _Outcome(JobStatus.SUCCEEDED, "done", report=result.report, artifacts=artifacts)
+
+
+def execute_job(job_id: str, *, worker_name: str) -> None:
+    """Run one job end to end. Running it again after a crash starts it over and writes one result."""
+    claimed = _start(job_id, worker_name)
+    if claimed is None:
+        return
+    attempt_dir = get_settings().work_dir / job_id / f"attempt-{claimed[3]}"
+    shutil.rmtree(attempt_dir, ignore_errors=True)
+    workdir = attempt_dir / "work"
+    workdir.mkdir(parents=True)
+    log_path = attempt_dir / "job.log"
+    try:
+        with job_log(job_id, log_path):
+            outcome = _run(job_id, claimed, workdir)
+        # The job's own log is an artifact of every outcome: most useful when it failed.
+        outcome.artifacts += _store_artifacts(
+            [EngineArtifact("job.log", log_path, "log", "jsonl", "the worker's log lines for this job, JSON per line")]
+        )
+        _finish(job_id, outcome.status, message=outcome.message, error=outcome.error, report=outcome.report,
+                artifacts=outcome.artifacts)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(attempt_dir, ignore_errors=True)
 
 
 def _store_artifacts(produced: list[EngineArtifact]) -> list[Artifact]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests import factories
@@ -138,7 +140,11 @@ def test_unknown_layer_fails_the_job_with_a_clear_message(client, model_id):
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert "no.such.layer" in job["error"]["message"] + str(job["error"]["details"])
-    assert client.get(f"/v1/jobs/{job_id}/artifacts").json() == []
+    artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
+    assert [a["name"] for a in artifacts] == ["job.log"]  # no model, but the log that explains the failure
+    lines = [json.loads(line) for line in client.get(artifacts[0]["download_url"]).text.splitlines()]
+    assert lines and all(line["job_id"] == job_id for line in lines)
+    assert any(line["message"].startswith("job failed") for line in lines)
 
 
 def test_health_and_readiness(client):
