@@ -18,7 +18,7 @@ from app.core.config import get_settings
 from app.db.models import Artifact, Dataset, Job, JobStatus, Model, UploadStatus, utcnow
 from app.db.session import session_scope
 from app.services.job_lifecycle import add_event, transition
-from app.storage import BlobStore
+from app.storage import BlobStore, get_blob_store
 from jobspec import PipelineSpec
 from worker import engine
 from worker.engine.types import Artifact as EngineArtifact
@@ -30,8 +30,7 @@ log = logging.getLogger("modelpress.worker")
 
 
 def _store() -> BlobStore:
-    settings = get_settings()
-    return BlobStore(settings.blob_dir, settings.tmp_dir)
+    return get_blob_store()
 
 
 def _internal_error(exc: BaseException) -> dict[str, Any]:
@@ -44,7 +43,7 @@ def inspect_model_upload(model_id: str) -> None:
         row = db.get(Model, model_id)
         if row is None or row.status != UploadStatus.VALIDATING:
             return
-        path, architecture, kwargs = _store().path(row.sha256), row.architecture, dict(row.arch_kwargs or {})
+        path, architecture, kwargs = _store().local_path(row.sha256), row.architecture, dict(row.arch_kwargs or {})
     try:
         source, info = engine.inspect_model(path, architecture, kwargs)
         updates: dict[str, Any] = {
@@ -65,7 +64,7 @@ def inspect_dataset_upload(dataset_id: str) -> None:
         row = db.get(Dataset, dataset_id)
         if row is None or row.status != UploadStatus.VALIDATING:
             return
-        path = _store().path(row.sha256)
+        path = _store().local_path(row.sha256)
     try:
         source, info = engine.inspect_dataset(path)
         updates: dict[str, Any] = {
@@ -197,10 +196,10 @@ def _start(job_id: str, worker_name: str) -> _Claimed | None:
                    message=f"{'restarted' if retry else 'running'} on {worker_name}")
         job.worker, job.progress = worker_name, 0.0
         model, dataset = job_model_and_dataset(db, job)
-        model_source = ModelSource(format=model.format, path=store.path(model.sha256),
+        model_source = ModelSource(format=model.format, path=store.local_path(model.sha256),
                                    architecture=model.architecture, arch_kwargs=dict(model.arch_kwargs or {}))
         dataset_source = (
-            DatasetSource(format=dataset.format, path=store.path(dataset.sha256)) if dataset is not None else None
+            DatasetSource(format=dataset.format, path=store.local_path(dataset.sha256)) if dataset is not None else None
         )
         return PipelineSpec.model_validate(job.spec), model_source, dataset_source, job.attempts
 

@@ -15,7 +15,7 @@ from app.queue import TaskQueue, get_queue
 from app.services import jobs as job_service
 from app.services import uploads as upload_service
 from app.services.auth import Forbidden, Principal, authenticate
-from app.storage import BlobStore
+from app.storage import BlobStore, get_blob_store
 
 
 def get_db() -> Iterator[Session]:
@@ -26,8 +26,8 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
-def get_store(settings: Annotated[Settings, Depends(get_settings)]) -> BlobStore:
-    return BlobStore(settings.blob_dir, settings.tmp_dir)
+def get_store() -> BlobStore:
+    return get_blob_store()
 
 
 def get_task_queue() -> TaskQueue:

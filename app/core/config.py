@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     local_api_key: str = Field(DEV_LOCAL_KEY, validation_alias="MODELPRESS_LOCAL_KEY")
     max_concurrent_jobs_per_tenant: int = Field(8, ge=1, validation_alias="MODELPRESS_MAX_CONCURRENT_JOBS")
 
+    # Empty: blobs on the local disk under data_dir. s3://bucket/prefix: S3-compatible object storage
+    # (credentials from the usual AWS_* variables; MODELPRESS_S3_ENDPOINT_URL for MinIO, Ceph, ...).
+    storage_url: str = Field("", validation_alias="MODELPRESS_STORAGE_URL")
+    s3_endpoint_url: str | None = Field(None, validation_alias="MODELPRESS_S3_ENDPOINT_URL")
+
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, validation_alias="MODELPRESS_MAX_UPLOAD_BYTES")
     # How long an upload request waits for a worker to validate the file before answering 202.
     validation_wait_s: float = Field(60.0, ge=0, validation_alias="MODELPRESS_VALIDATION_WAIT_S")

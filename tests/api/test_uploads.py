@@ -192,8 +192,9 @@ def test_uploads_are_content_addressed(client):
     first = upload(client, "/v1/datasets", content, "a.npz").json()
     second = upload(client, "/v1/datasets", content, "b.npz").json()
     assert first["id"] != second["id"] and first["sha256"] == second["sha256"]
-    blob = get_settings().blob_dir / first["sha256"][:2] / first["sha256"]
-    assert blob.read_bytes() == content
+    from app.storage import get_blob_store
+
+    assert get_blob_store().local_path(first["sha256"]).read_bytes() == content
 
 
 def test_list_pagination_walks_every_model_once(client):

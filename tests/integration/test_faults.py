@@ -41,6 +41,7 @@ class Processes:
     def __init__(self, tmp_path: Path, extra_env: dict[str, str]):
         self.env = os.environ | {"MODELPRESS_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)} | extra_env
         self.env.pop("MODELPRESS_ENV", None)
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.log = tmp_path / "processes.log"
         self.running: list[subprocess.Popen] = []
         subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=self.env, check=True,
@@ -58,14 +59,15 @@ class Processes:
                 time.sleep(0.3)
         raise RuntimeError(self.tail())
 
-    def _start(self, args: list[str]) -> subprocess.Popen:
-        process = _spawn(args, self.env, self.log)
+    def _start(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        process = _spawn(args, self.env | (env or {}), self.log)
         self.running.append(process)
         return process
 
-    def start_worker(self, queue: str, name: str) -> subprocess.Popen:
+    def start_worker(self, queue: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker process; `env` overrides variables for it alone (e.g. a data folder of its own)."""
         return self._start(["celery", "-A", "worker.celery_app", "worker", "-Q", queue, "-c", "1",
-                            "-n", f"{name}-{len(self.running)}@%h", "--loglevel=INFO"])
+                            "-n", f"{name}-{len(self.running)}@%h", "--loglevel=INFO"], env)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.db.models import Artifact, Job, Tenant
@@ -130,15 +130,22 @@ def list_artifacts(job: JobDep) -> list[ArtifactRead]:
 
 @router.get(
     "/{job_id}/artifacts/{artifact_id}",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorResponse}},
 )
-def download_artifact(job: JobDep, artifact_id: ObjectId, store: StoreDep) -> FileResponse:
+def download_artifact(job: JobDep, artifact_id: ObjectId, store: StoreDep) -> StreamingResponse:
     artifact = next((a for a in job.artifacts if a.id == artifact_id), None)
     if artifact is None:
         raise NotFound(f"artifact {artifact_id} not found in job {job.id}", {"id": artifact_id})
-    return FileResponse(store.path(artifact.sha256), filename=artifact.name, media_type="application/octet-stream",
-                        headers={"X-Content-SHA256": artifact.sha256})
+    return StreamingResponse(
+        store.iter_bytes(artifact.sha256),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{artifact.name}"',
+            "Content-Length": str(artifact.size_bytes),
+            "X-Content-SHA256": artifact.sha256,
+        },
+    )
 
 
 @router.get("/{job_id}/report", responses={404: {"model": ErrorResponse}})
