@@ -12,9 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
 
-from app.core.celery_config import INSPECT_QUEUE, JOBS_QUEUE
+from app.core.celery_config import GPU_JOBS_QUEUE, INSPECT_QUEUE, JOBS_QUEUE
+from app.core.config import get_settings
 from app.db.models import Job, JobEvent, JobStatus, utcnow
 from app.db.session import get_sessionmaker
+from app.services.routing import live_workers
 
 log = logging.getLogger("modelpress.metrics")
 REGISTRY = CollectorRegistry()
@@ -35,14 +37,14 @@ def _queue_depths() -> dict[str, int | None]:
     try:
         with get_queue().client.connection_for_read() as conn:
             channel = conn.default_channel
-            for queue in (JOBS_QUEUE, INSPECT_QUEUE):
+            for queue in (JOBS_QUEUE, GPU_JOBS_QUEUE, INSPECT_QUEUE):
                 try:
                     depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
                 except Exception:  # the queue does not exist yet: nobody ever sent to it
                     depths[queue] = 0
     except Exception:
         log.warning("broker unreachable while collecting metrics")
-        return {JOBS_QUEUE: None, INSPECT_QUEUE: None}
+        return {JOBS_QUEUE: None, GPU_JOBS_QUEUE: None, INSPECT_QUEUE: None}
     return depths
 
 
@@ -56,6 +58,8 @@ class StateCollector:
         heartbeat = GaugeMetricFamily("modelpress_running_job_heartbeat_age_seconds",
                                       "Seconds since each running job's worker last reported", labels=["job_id", "worker"])
         depth = GaugeMetricFamily("modelpress_queue_depth", "Messages waiting in each queue", labels=["queue"])
+        workers = GaugeMetricFamily("modelpress_workers_alive", "Workers with a recent heartbeat, by queue",
+                                    labels=["queue"])
         with get_sessionmaker()() as db:
             counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             for status in JobStatus.ALL:
@@ -75,10 +79,16 @@ class StateCollector:
                 if beat is not None:
                     age = (now - (beat if beat.tzinfo else beat.replace(tzinfo=now.tzinfo))).total_seconds()
                     heartbeat.add_metric([job_id, worker or ""], max(age, 0.0))
+            alive: dict[str, int] = {JOBS_QUEUE: 0, GPU_JOBS_QUEUE: 0, INSPECT_QUEUE: 0}
+            for worker in live_workers(db, timeout_s=get_settings().heartbeat_timeout_s):
+                for queue in worker.queues:
+                    alive[queue] = alive.get(queue, 0) + 1
+            for queue, count in sorted(alive.items()):
+                workers.add_metric([queue], count)
         for queue, count in _queue_depths().items():
             if count is not None:
                 depth.add_metric([queue], count)
-        yield from (jobs, steps, heartbeat, depth)
+        yield from (jobs, steps, heartbeat, depth, workers)
 
 
 REGISTRY.register(StateCollector())

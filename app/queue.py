@@ -16,7 +16,7 @@ class QueueUnavailable(Exception):
 
 
 class TaskQueue(Protocol):
-    def enqueue_job(self, job_id: str) -> None: ...
+    def enqueue_job(self, job_id: str, queue: str) -> None: ...
     def enqueue_model_inspection(self, model_id: str) -> None: ...
     def enqueue_dataset_inspection(self, dataset_id: str) -> None: ...
     def enqueue_webhook(self, job_id: str) -> None: ...
@@ -30,15 +30,15 @@ class CeleryQueue:
     def __init__(self, client: Celery):
         self.client = client
 
-    def _send(self, name: str, object_id: str) -> None:
+    def _send(self, name: str, object_id: str, queue: str | None = None) -> None:
         try:
-            self.client.send_task(name, args=[object_id], retry=True,
+            self.client.send_task(name, args=[object_id], queue=queue, retry=True,
                                   retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
         except Exception as exc:  # kombu raises transport-specific errors
             raise QueueUnavailable(f"the task queue is unreachable: {exc}") from exc
 
-    def enqueue_job(self, job_id: str) -> None:
-        self._send(RUN_JOB, job_id)
+    def enqueue_job(self, job_id: str, queue: str) -> None:
+        self._send(RUN_JOB, job_id, queue)
 
     def enqueue_model_inspection(self, model_id: str) -> None:
         self._send(INSPECT_MODEL, model_id)

@@ -90,6 +90,7 @@ class JobRead(_Read):
     attempts: int
     spec: dict[str, Any]
     callback_url: str | None
+    queue: str = Field(description="modelpress.jobs (CPU workers) or modelpress.jobs.gpu")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

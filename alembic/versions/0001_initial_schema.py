@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 07:50:32.221473
+Create Date: 2026-11-22 08:00:17.753609
 """
 from alembic import op
 import sqlalchemy as sa
@@ -25,6 +25,18 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenants')),
     sa.UniqueConstraint('name', name=op.f('uq_tenants_name'))
     )
+    op.create_table('workers',
+    sa.Column('name', sa.String(length=255), nullable=False),
+    sa.Column('queues', sa.JSON(), nullable=False),
+    sa.Column('gpu_count', sa.Integer(), nullable=False),
+    sa.Column('device_name', sa.String(length=255), nullable=True),
+    sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_seen', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('name', name=op.f('pk_workers'))
+    )
+    with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_workers_last_seen'), ['last_seen'], unique=False)
+
     op.create_table('api_keys',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('tenant_id', sa.String(length=32), nullable=False),
@@ -103,6 +115,7 @@ def upgrade() -> None:
     sa.Column('dataset_id', sa.String(length=32), nullable=True),
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('callback_url', sa.String(length=2000), nullable=True),
+    sa.Column('queue', sa.String(length=64), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('progress', sa.Float(), nullable=False),
@@ -197,5 +210,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_api_keys_tenant_id'))
 
     op.drop_table('api_keys')
+    with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_workers_last_seen'))
+
+    op.drop_table('workers')
     op.drop_table('tenants')
     # ### end Alembic commands ###

@@ -9,7 +9,8 @@ from typing import Any
 
 from app.core.config import Settings
 
-JOBS_QUEUE = "modelpress.jobs"
+JOBS_QUEUE = "modelpress.jobs"  # CPU workers
+GPU_JOBS_QUEUE = "modelpress.jobs.gpu"  # workers bound to one GPU each
 INSPECT_QUEUE = "modelpress.inspect"
 
 RUN_JOB = "modelpress.run_job"
@@ -46,8 +47,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": JOBS_QUEUE,
+        # RUN_JOB has no fixed route: the API picks the CPU or GPU queue per job (app.services.jobs).
         "task_routes": {
-            RUN_JOB: {"queue": JOBS_QUEUE},
             INSPECT_MODEL: {"queue": INSPECT_QUEUE},
             INSPECT_DATASET: {"queue": INSPECT_QUEUE},
             # Webhooks share the light queue: quick I/O that must not wait behind a long job.

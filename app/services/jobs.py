@@ -6,12 +6,14 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.db.models import Dataset, Job, JobStatus, Model, Tenant, UploadStatus
 from app.errors import Conflict, NotFound, ServiceUnavailable, TooManyRequests, Unprocessable
 from app.queue import QueueUnavailable, TaskQueue
 from app.schemas import JobCreate
 from app.services.idempotency import IdempotencyKey, forget, remember, replayed_resource
 from app.services.job_lifecycle import add_event, transition
+from app.services.routing import choose_queue
 from app.services.pagination import paginate
 
 
@@ -31,7 +33,7 @@ def create(
     db: Session,
     queue: TaskQueue,
     tenant: Tenant,
-    default_limit: int,
+    settings: Settings,
     payload: JobCreate,
     idem: IdempotencyKey | None = None,
 ) -> Job:
@@ -59,10 +61,11 @@ def create(
             {"field": "input_shape"},
             code="input_shape_required",
         )
-    _check_concurrency(db=db, tenant=tenant, default_limit=default_limit)
+    _check_concurrency(db=db, tenant=tenant, default_limit=settings.max_concurrent_jobs_per_tenant)
     job = Job(tenant_id=tenant.id, model_id=payload.model_id, dataset_id=payload.dataset_id,
               spec=pipeline.model_dump(mode="json"),
-              callback_url=str(payload.callback_url) if payload.callback_url else None)
+              callback_url=str(payload.callback_url) if payload.callback_url else None,
+              queue=choose_queue(db, device=pipeline.device, timeout_s=settings.heartbeat_timeout_s))
     db.add(job)
     db.flush()
     add_event(db, job, "status", status=JobStatus.QUEUED, message="job accepted")
@@ -73,7 +76,7 @@ def create(
         db.rollback()  # a concurrent request with the same key won: answer with its job
         return get_or_404(db=db, tenant_id=tenant.id, job_id=replayed_resource(db, idem) or "")
     try:
-        queue.enqueue_job(job.id)
+        queue.enqueue_job(job.id, job.queue)
     except QueueUnavailable as exc:
         forget(db, job.id)
         db.delete(job)

@@ -22,7 +22,7 @@ class InProcessQueue:
         self.run_jobs = run_jobs
         self.sent: list[tuple[str, str]] = []
 
-    def enqueue_job(self, job_id: str) -> None:
+    def enqueue_job(self, job_id: str, queue: str = "modelpress.jobs") -> None:
         self.sent.append(("job", job_id))
         if self.run_jobs:
             from worker.jobs import execute_job

@@ -47,6 +47,12 @@ def make_ctx(tmp_path: Path) -> Callable[..., StepContext]:
 
 
 @pytest.fixture
+def no_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the ONNX artifact in pipeline tests that are about something else (it costs seconds)."""
+    monkeypatch.setattr("worker.engine.pipeline.EXPORT_ONNX", False)
+
+
+@pytest.fixture
 def marker(tmp_path: Path) -> Path:
     """A file a malicious payload would create; tests assert it never appears."""
     return tmp_path / "pwned"

@@ -7,9 +7,23 @@ import dataclasses
 import pytest
 
 from jobspec.steps import DistillStep
-from tests.engine.digits_data import accuracy, digits, digits_rgb32, make_context, trained_cnn, trained_resnet18
+from tests.engine.digits_data import (
+    accuracy,
+    digits,
+    digits_rgb32,
+    make_context,
+    torch_threads,
+    trained_cnn,
+    trained_resnet18,
+)
 from worker.engine.distill import distill
 from worker.engine.types import StepError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 def test_kl_distillation_with_feature_loss_into_a_torchvision_student():

@@ -10,9 +10,15 @@ from torch import nn
 from torch.nn.utils import prune
 
 from jobspec.steps import FinetuneStep
-from tests.engine.digits_data import accuracy, digits, make_context, trained_cnn
+from tests.engine.digits_data import accuracy, digits, make_context, torch_threads, trained_cnn
 from worker.engine.finetune import finetune
 from worker.engine.types import Canceled, StepError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 def _damaged_cnn() -> nn.Module:

@@ -51,8 +51,8 @@ def test_state_dict_round_trip(tmp_path, small_model, wrap):
     assert _same_outputs(model, load_model(source).eval())
 
 
-def test_export_program_round_trip(tmp_path, small_model):
-    model = small_model()
+def test_export_program_round_trip(tmp_path):
+    model = torchvision.models.squeezenet1_0(num_classes=10).eval()
     program = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
     torch.export.save(program, tmp_path / "model.pt2")
     source, info = inspect_model(tmp_path / "model.pt2", "ignored", {})
@@ -76,6 +76,13 @@ def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path, small_model, sav
     shapes = {m["key"]: m for m in details["shape_mismatches"]}
     assert shapes["classifier.3.weight"]["expected"] == [5, 1024]
     assert shapes["classifier.3.weight"]["got"] == [10, 1024]
+
+
+def test_classifier_only_mismatch_gets_a_num_classes_hint(tmp_path, small_model, save_safetensors):
+    path = save_safetensors(small_model(num_classes=7), tmp_path / "m.safetensors")
+    with pytest.raises(ModelError) as caught:
+        inspect_model(path, "mobilenet_v3_small", {})
+    assert caught.value.details["hint"] == 'the weights are for 7 classes: pass arch_kwargs {"num_classes": 7}'
 
 
 def test_unknown_architecture_and_bad_kwargs(tmp_path, small_model, save_safetensors):
@@ -127,8 +134,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, marker, payload_t
 
 def test_pickled_full_module_is_refused(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=10), tmp_path / "full.pt")
-    with pytest.raises(ModelError, match="full pickled module"):
+    with pytest.raises(ModelError, match="full pickled module") as caught:
         inspect_model(tmp_path / "full.pt", "resnet18", {"num_classes": 10})
+    assert caught.value.details["refused_object"] == "torchvision.models.resnet.ResNet"
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, not a model", b"PK\x03\x04truncated", b"\x80\x02trunc"])
@@ -189,3 +197,10 @@ def test_rebuild_from_structure_restores_resized_layers(small_model):
     structure = describe_structure(model, "mobilenet_v3_small", {"num_classes": 10})
     rebuilt = rebuild_model(structure, model.state_dict()).eval()
     assert _same_outputs(model, rebuilt)
+
+
+def test_safetensors_of_a_versioned_module(tmp_path, save_safetensors):
+    # MNASNet refuses a state_dict without module version metadata, which safetensors cannot carry.
+    model = torchvision.models.mnasnet0_5(num_classes=10).eval()
+    source, _ = inspect_model(save_safetensors(model, tmp_path / "m.safetensors"), "mnasnet0_5", {"num_classes": 10})
+    assert _same_outputs(model, load_model(source).eval())

@@ -85,21 +85,23 @@ def _tensor_dataset(tmp_path, classes=10, count=40):
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "data.npz",
-        inputs=rng.normal(size=(count, 3, 32, 32)).astype(np.float32),
+        inputs=rng.normal(size=(count, 3, 64, 64)).astype(np.float32),
         labels=np.arange(count) % classes,
     )
     return inspect_dataset(tmp_path / "data.npz")[0]
 
 
-def test_dataset_gives_accuracy_and_fidelity(tmp_path, small_model, save_safetensors):
-    source, _ = inspect_model(save_safetensors(small_model(), tmp_path / "m.safetensors"), "mobilenet_v3_small", {"num_classes": 10})
+def test_dataset_gives_accuracy_and_fidelity(tmp_path, save_safetensors, no_onnx):
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0(num_classes=10)
+    source, _ = inspect_model(save_safetensors(model, tmp_path / "m.safetensors"), "squeezenet1_0", {"num_classes": 10})
     spec = PipelineSpec.model_validate({
         "steps": [{"kind": "prune", "amount": 0.3, "scope": "global"}],
         "preprocessing": {"eval_fraction": 0.25},
     })
     report = run_pipeline(source, spec, _tensor_dataset(tmp_path), tmp_path / "out", PipelineHooks()).report
     assert report["dataset"]["eval_samples"] == 10 and report["dataset"]["train_samples"] == 30
-    assert report["model"]["input_shape"] == [3, 32, 32]  # taken from the dataset
+    assert report["model"]["input_shape"] == [3, 64, 64]  # taken from the dataset
     original, final = report["original"], report["final"]
     assert 0.0 <= original["top1"] <= 1.0 and "top5" in original
     assert 0.0 <= final["top1_agreement"] <= 1.0 and -1.0 <= final["output_cosine"] <= 1.0
@@ -156,7 +158,7 @@ def test_engine_import_stays_off_the_web_stack():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_exported_program_source(tmp_path):
+def test_exported_program_source(tmp_path, no_onnx):
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -174,3 +176,33 @@ def test_exported_program_source(tmp_path):
     assert report["export"]["pt2"]["verified"] and not report["export"]["onnx"]["ok"]
     program = load_exported_artifact(tmp_path / "out" / "model.pt2")
     assert float((program.get_parameter("0.weight") == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_imagefolder_dataset_end_to_end(tmp_path, save_safetensors, no_onnx):
+    import io
+    import zipfile
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with zipfile.ZipFile(tmp_path / "digits.zip", "w") as archive:
+        for index in range(30):
+            label = int(digits.target[index])
+            buffer = io.BytesIO()
+            Image.fromarray((digits.images[index] * 16).astype(np.uint8), mode="L").save(buffer, format="PNG")
+            archive.writestr(f"digits/class_{label}/{index}.png", buffer.getvalue())
+    dataset, info = inspect_dataset(tmp_path / "digits.zip")
+    assert info.classes == [f"class_{d}" for d in range(10)] and info.input_shape == [3, 8, 8]
+
+    torch.manual_seed(0)
+    source, _ = inspect_model(
+        save_safetensors(torchvision.models.squeezenet1_0(num_classes=10), tmp_path / "m.safetensors"), "squeezenet1_0", {"num_classes": 10}
+    )
+    spec = PipelineSpec.model_validate({
+        "steps": [{"kind": "prune", "amount": 0.2}],
+        "preprocessing": {"image_size": 32, "mean": [0.5], "std": [0.25], "eval_fraction": 0.2},
+    })
+    report = run_pipeline(source, spec, dataset, tmp_path / "out", PipelineHooks()).report
+    assert report["dataset"]["input_shape"] == [3, 32, 32] and report["dataset"]["eval_samples"] == 6
+    assert report["original"]["eval_samples"] == 6 and "top1" in report["final"]

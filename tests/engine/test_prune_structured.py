@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torchvision
@@ -24,12 +22,14 @@ ARCHITECTURES = [
     ("mobilenet_v2", {}, 32),
     ("mobilenet_v3_small", {}, 32),
     ("squeezenet1_0", {}, 64),
-    ("googlenet", {"aux_logits": False, "init_weights": True}, 64),
+    ("googlenet", {"aux_logits": False, "init_weights": True}, 32),
     ("regnet_x_400mf", {}, 32),
+    ("mnasnet0_5", {}, 32),
     pytest.param("efficientnet_b0", {}, 32, marks=slow),
     pytest.param("densenet121", {}, 32, marks=slow),
     pytest.param("convnext_tiny", {}, 32, marks=slow),
     pytest.param("vit_b_16", {"image_size": 32}, 32, marks=slow),
+    pytest.param("swin_t", {}, 32, marks=slow),
 ]
 
 
@@ -45,7 +45,8 @@ def test_structured_pruning_across_architectures(name, kwargs, side, make_ctx):
     ctx = make_ctx(model, shape=(3, side, side))
     outcome = prune(model, PruneStep(method="structured", criterion="l2", amount=0.3), ctx)
     pruned = outcome.model
-    assert sum(p.numel() for p in pruned.parameters()) < params * (0.9 if name.startswith("vit") else 0.7)
+    # Attention models only lose MLP hidden neurons, so they shrink less.
+    assert sum(p.numel() for p in pruned.parameters()) < params * (0.9 if name.startswith(("vit", "swin")) else 0.7)
     assert outcome.details["layer_channels"]
     with torch.no_grad():
         expected = pruned(ctx.example_input)
@@ -56,7 +57,7 @@ def test_structured_pruning_across_architectures(name, kwargs, side, make_ctx):
     rebuilt = rebuild_model(structure, load(save({k: v.contiguous() for k, v in pruned.state_dict().items()}))).eval()
     with torch.no_grad():
         assert torch.allclose(rebuilt(ctx.example_input), expected, atol=1e-4)
-    if name.startswith("vit"):
+    if name.startswith(("vit", "swin")):
         assert "MLP hidden" in outcome.details["notes"][0]
 
 
@@ -113,10 +114,11 @@ def test_layer_amounts_global_and_ignore(make_ctx):
     assert caught.value.details["unknown"] == ["layer9"]
 
 
-def test_structured_pipeline_artifacts_rebuild(tmp_path, save_safetensors):
-    source, _ = inspect_model(save_safetensors(_build("resnet18", {}), tmp_path / "m.safetensors"), "resnet18", {"num_classes": 10})
+def test_structured_pipeline_artifacts_rebuild(tmp_path, save_safetensors, no_onnx):
+    model = _build("squeezenet1_0", {})
+    source, _ = inspect_model(save_safetensors(model, tmp_path / "m.safetensors"), "squeezenet1_0", {"num_classes": 10})
     spec = PipelineSpec.model_validate({
-        "steps": [{"kind": "prune", "method": "structured", "criterion": "l1", "amount": 0.5}], "input_shape": [3, 32, 32],
+        "steps": [{"kind": "prune", "method": "structured", "criterion": "l1", "amount": 0.5}], "input_shape": [3, 64, 64],
     })
     report = run_pipeline(source, spec, None, tmp_path / "out", PipelineHooks()).report
     assert report["final"]["size_bytes"] < 0.4 * report["original"]["size_bytes"]
@@ -124,4 +126,5 @@ def test_structured_pipeline_artifacts_rebuild(tmp_path, save_safetensors):
     assert report["export"]["safetensors"]["verified"] is True
     assert report["verdicts"]["model.safetensors"]["verdict"] == "smaller only"  # no benchmark step
     rebuilt = load_artifacts(tmp_path / "out")
-    assert rebuilt.layer1[0].conv1.out_channels == 32
+    assert rebuilt.features[3].squeeze.out_channels == 8  # was 16
+    assert rebuilt.classifier[1].out_channels == 10  # SqueezeNet's classifier is a conv: never pruned

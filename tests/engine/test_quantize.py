@@ -7,11 +7,29 @@ import torch
 from torch import nn
 
 from jobspec.steps import QuantizeStep
-from tests.engine.digits_data import accuracy, digits, digits_rgb32, make_context, trained_cnn, trained_mlp, trained_resnet18
+from tests.engine.digits_data import (
+    accuracy,
+    digits,
+    digits_rgb32,
+    make_context,
+    torch_threads,
+    trained_cnn,
+    trained_mlp,
+    trained_resnet18,
+)
 from worker.engine.quantize import CastInputs, WeightOnlyInt8Linear, quantize
 from worker.engine.types import StepError
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+# torch.ao.quantization and torch.jit.trace warn about their own deprecation; the tests still need them.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning", "ignore::torch.jit.TracerWarning"
+)
 
 
 def _top1_agreement(a: nn.Module, b: nn.Module, inputs: torch.Tensor) -> float:

@@ -66,6 +66,11 @@ def test_upload_job_poll_download(stack):
         assert float((conv == 0).float().mean()) >= 0.45
         assert "report.json" in by_name
 
+        metrics = client.get("/metrics").text  # the real workers registered themselves
+        assert 'modelpress_workers_alive{queue="modelpress.jobs"} 1.0' in metrics
+        assert 'modelpress_workers_alive{queue="modelpress.inspect"} 1.0' in metrics
+        assert 'modelpress_jobs{status="succeeded"} 1.0' in metrics
+
 
 def test_bad_upload_through_real_worker_is_422(stack):
     with stack.client() as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import sys
@@ -136,7 +137,7 @@ def benchmark(model: nn.Module, spec: BenchmarkStep, ctx: StepContext) -> StepOu
     if original_device != device:
         # e.g. an int8 model (CPU only) on a CUDA job: compare like with like on the model's device.
         note = f"the model runs on {device}; the original was timed on {device} too for a fair ratio"
-        original = _copy_to(original, device)
+        original = copy.deepcopy(original).to(device)
     rows = []
     with threads(spec.threads):
         used_threads = torch.get_num_threads()
@@ -155,9 +156,3 @@ def benchmark(model: nn.Module, spec: BenchmarkStep, ctx: StepContext) -> StepOu
     if note:
         details["note"] = note
     return StepOutcome(model, details)
-
-
-def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(device)

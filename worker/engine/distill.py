@@ -11,7 +11,17 @@ from torch import nn
 
 from jobspec.steps import DistillStep
 
-from .training import TrainConfig, accuracy, fit, kd_loss, output_dim, precision_for, predict, recalibrate_batchnorm
+from .training import (
+    TrainConfig,
+    accuracy,
+    eval_mode,
+    fit,
+    kd_loss,
+    output_dim,
+    precision_for,
+    predict,
+    recalibrate_batchnorm,
+)
 from .types import StepContext, StepError, StepOutcome
 
 
@@ -24,7 +34,7 @@ def distill(model: nn.Module, spec: DistillStep, ctx: StepContext) -> StepOutcom
     device = ctx.device
     torch.manual_seed(ctx.seed)
     precision = precision_for(device)
-    teacher = model.to(device).eval()
+    teacher = eval_mode(model.to(device))
     example = ctx.example_input.to(device)
     num_classes = output_dim(teacher, example)
     student = _build_student(spec, teacher, num_classes, example).to(device)
@@ -147,7 +157,7 @@ class _FeaturePair(nn.Module):
             _last_linear(student, "student").register_forward_pre_hook(self._capture("student")),
         ]
         with torch.no_grad():
-            teacher.eval()(example)
+            eval_mode(teacher)(example)
             student.eval()(example)
         self.teacher_dim = self._captured["teacher"].shape[1]
         self.student_dim = self._captured["student"].shape[1]

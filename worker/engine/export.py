@@ -18,7 +18,7 @@ from torch import nn
 
 from worker.engine.device import is_quantized
 from worker.engine.modelio import call_model, is_exported, set_eval
-from worker.engine.types import Artifact
+from worker.engine.types import Artifact, ModelError
 
 STRUCTURE_VERSION = 1
 # Module attributes that hold sizes; structured pruning changes them, a rebuild must restore them.
@@ -71,6 +71,14 @@ def describe_structure(model: nn.Module, architecture: str | None, arch_kwargs: 
     }
 
 
+def unwrap_input_cast(model: nn.Module) -> tuple[nn.Module, torch.dtype | None]:
+    """(inner model, its input dtype) for a wrapper that only casts inputs (fp16 / bf16 models)."""
+    inner, dtype = getattr(model, "module", None), getattr(model, "dtype", None)
+    if isinstance(inner, nn.Module) and isinstance(dtype, torch.dtype) and len(list(model.children())) == 1:
+        return inner, dtype
+    return model, None
+
+
 def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
     if expected.shape != got.shape:
         return {"verified": False, "reason": f"output shape {list(got.shape)} != {list(expected.shape)}"}
@@ -83,12 +91,15 @@ def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
     return result
 
 
-def _try(name: str, status: dict[str, Any], action: Callable[[], dict[str, Any]]) -> bool:
+def _try(name: str, status: dict[str, Any], action: Callable[[], dict[str, Any]], files: list[Path]) -> bool:
     try:
         status[name] = {"ok": True, **action()}
         return True
     except Exception as exc:  # an exporter failing must not fail the job: record why instead
-        status[name] = {"ok": False, "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+        text = str(exc).strip()
+        status[name] = {"ok": False, "reason": f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"}
+        for path in files:  # a half-checked file must not be mistaken for an artifact
+            path.unlink(missing_ok=True)
         return False
 
 
@@ -132,22 +143,33 @@ def write_model_artifacts(
     def add(name: str, fmt: str, description: str) -> None:
         artifacts.append(Artifact(name, workdir / name, "model", fmt, description))
 
+    weight_files = [workdir / "model.safetensors", workdir / "structure.json"]
+
     def weights() -> dict[str, Any]:
         from safetensors.torch import load_file, save_file
 
         if quantized:
             raise ValueError("packed int8 weights cannot be stored as safetensors; use the TorchScript artifact")
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        structure = describe_structure(model, architecture, arch_kwargs)
-        atomic_write(workdir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        write_json(workdir / "structure.json", structure)
+        inner, input_dtype = unwrap_input_cast(model)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in inner.state_dict().items()}
+        structure = describe_structure(inner, architecture, arch_kwargs)
+        if input_dtype is not None:
+            structure["input_dtype"] = str(input_dtype).replace("torch.", "")
+        files = weight_files
+        atomic_write(files[0], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        write_json(files[1], structure)
         if architecture is None:
             return {"verified": None, "note": "no torchvision architecture: load the .pt2 program, not these weights"}
-        rebuilt = set_eval(rebuild_model(structure, load_file(str(workdir / "model.safetensors"))))
+        try:
+            rebuilt = set_eval(rebuild_model(structure, load_file(str(files[0]))))
+        except ModelError as exc:
+            raise ValueError(
+                f"the weights no longer fit the {architecture} layout ({exc.message}); use the TorchScript or .pt2 artifact"
+            ) from exc
         with torch.no_grad():
-            return _compare(expected, call_model(rebuilt, example))
+            return _compare(expected, call_model(rebuilt, example.to(input_dtype or example.dtype)).float())
 
-    if _try("safetensors", status, weights):
+    if _try("safetensors", status, weights, weight_files):
         add("model.safetensors", "safetensors", "weights; rebuild with structure.json (modelio.rebuild_model)")
         add("structure.json", "json", "architecture and layer sizes needed to rebuild the network")
 
@@ -160,7 +182,7 @@ def write_model_artifacts(
             check = _compare(expected, call_model(load_exported_artifact(workdir / "model.pt2"), example))
         return {"mode": mode, **check}
 
-    if _try("pt2", status, program):
+    if _try("pt2", status, program, [workdir / "model.pt2"]):
         add("model.pt2", "pt2", "torch.export program: torch.export.load(path).module()")
 
     def torchscript() -> dict[str, Any]:
@@ -173,18 +195,20 @@ def write_model_artifacts(
             reloaded = torch.jit.load(str(workdir / "model.torchscript.pt"), map_location="cpu")
             return _compare(expected, call_model(reloaded, example))
 
-    if _try("torchscript", status, torchscript):
+    if _try("torchscript", status, torchscript, [workdir / "model.torchscript.pt"]):
         add("model.torchscript.pt", "torchscript", "TorchScript (traced): torch.jit.load(path)")
 
     if quantized or is_exported(model):
-        why = "int8 eager modules" if quantized else "exported programs traced at a fixed batch size"
+        why = "int8 (quantized) modules" if quantized else "exported programs traced at a fixed batch size"
         status["onnx"] = {"ok": False, "reason": f"ONNX export is not attempted for {why}"}
-    elif onnx:
+    elif not onnx:
+        status["onnx"] = {"ok": False, "reason": "ONNX export is turned off for this worker"}
+    else:
         from worker.engine.onnx_export import export_onnx
 
         def onnx_artifact() -> dict[str, Any]:
             return export_onnx(model, example, expected, workdir / "model.onnx", atomic_write)
 
-        if _try("onnx", status, onnx_artifact):
+        if _try("onnx", status, onnx_artifact, [workdir / "model.onnx"]):
             add("model.onnx", "onnx", "ONNX (opset 18), checked with onnxruntime")
     return artifacts, status

@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 
 from jobspec.steps import FinetuneStep
 
-from .training import TrainConfig, accuracy, fit, kd_loss, precision_for
+from .training import TrainConfig, accuracy, eval_mode, fit, kd_loss, precision_for
 from .types import StepContext, StepError, StepOutcome
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -95,7 +95,7 @@ def _teacher(ctx: StepContext) -> nn.Module:
     first = next(teacher.parameters(), None)
     if first is not None and first.device != ctx.device:
         teacher = copy.deepcopy(teacher).to(ctx.device)
-    return teacher.eval()
+    return eval_mode(teacher)
 
 
 class _SparsityMasks:

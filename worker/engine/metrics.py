@@ -68,10 +68,10 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | None, str | None]:
     """MACs of one forward at the example input's batch size, or (None, why not)."""
-    if is_exported(model):
-        return _aten_macs(model, example_input)
     if is_quantized(model):
         return None, "MAC counting does not understand quantized modules"
+    if is_exported(model):
+        return _aten_macs(model, example_input)
     import torch_pruning as tp
 
     try:
@@ -92,7 +92,8 @@ def _aten_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | Non
             call_model(model, example_input.to(module_device(model, example_input.device)))
     except Exception as exc:  # any failure just means "not measured"
         return None, f"MAC counting failed: {type(exc).__name__}: {str(exc)[:200]}"
-    return int(counter.get_total_flops() // 2), None
+    macs = int(counter.get_total_flops() // 2)
+    return (macs, None) if macs > 0 else (None, "no conv / matmul operations were counted")
 
 
 def serialized_bytes(model: nn.Module) -> tuple[bytes, str]:

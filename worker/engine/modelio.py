@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,12 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         for k in expected
         if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
     ]
+    hint = None
+    classes = {tuple(m["got"])[0] for m in mismatched if m["key"].endswith((".weight", ".bias")) and m["got"]}
+    if mismatched and not missing and not unexpected and len(classes) == 1 and len(mismatched) <= 2:
+        # Only the classifier differs: the checkpoint was trained for another number of classes.
+        count = classes.pop()
+        hint = f'the weights are for {count} classes: pass arch_kwargs {{"num_classes": {count}}}'
     if missing or unexpected or mismatched:
         raise ModelError(
             "the weights do not match the architecture "
@@ -120,9 +128,17 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
                 "unexpected_keys": unexpected[:50],
                 "shape_mismatches": mismatched[:50],
                 "counts": {"missing": len(missing), "unexpected": len(unexpected), "shape_mismatches": len(mismatched)},
+                "hint": hint,
             },
         )
-    model.load_state_dict(state_dict, strict=False)
+    loaded = OrderedDict(state_dict)
+    # Module versions (e.g. torchvision MNASNet checks one) travel in _metadata, which safetensors
+    # does not store: fall back to the versions of the architecture just built.
+    loaded._metadata = getattr(state_dict, "_metadata", None) or getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(loaded, strict=False)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"the weights cannot be loaded into the architecture: {str(exc)[:300]}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,10 +162,11 @@ def _read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises many types for bad input; all mean "not a usable file"
         text = str(exc)
         if "Weights only load failed" in text and ("GLOBAL" in text or "global" in text):
+            refused = re.search(r"GLOBAL ([\w.]+)", text)
             raise ModelError(
                 "a full pickled module (or any pickle holding Python objects) is not accepted; "
-                "upload weights only",
-                {"accepted_formats": list(ACCEPTED_FORMATS), "reason": text.splitlines()[-1][:300] if text else ""},
+                "save the weights with torch.save(model.state_dict()) or safetensors",
+                {"accepted_formats": list(ACCEPTED_FORMATS), "refused_object": refused.group(1) if refused else None},
             ) from exc
         raise _not_a_model(f"{type(exc).__name__}: {text[:200]}") from exc
     return _unwrap_state_dict(loaded)
@@ -332,8 +349,14 @@ def classifier_outputs(model: nn.Module) -> int | None:
 
 
 def is_exported(model: nn.Module) -> bool:
-    """True for GraphModules from ExportedProgram.module(): their layers are not nn.Conv2d / nn.Linear."""
-    return isinstance(model, torch.fx.GraphModule)
+    """True for GraphModules from ExportedProgram.module(): they call aten ops on their weights, not
+    nn.Conv2d / nn.Linear modules (FX GraphModules, e.g. from FX int8 conversion, keep their layers)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    from worker.engine.device import is_quantized
+
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    return not is_quantized(model) and not any(isinstance(m, layers) for m in model.modules())
 
 
 def set_eval(model: nn.Module) -> nn.Module:
@@ -418,6 +441,11 @@ def rebuild_model(structure: dict[str, Any], weights: dict[str, torch.Tensor]) -
             owner._parameters[attr] = nn.Parameter(replacement, requires_grad=current.requires_grad)
         else:
             owner._buffers[attr] = replacement
+    dtype = structure.get("input_dtype")
+    if dtype is not None:
+        if dtype not in {"float16", "bfloat16"}:
+            raise ModelError(f"structure.json has an unsupported input_dtype {dtype!r}")
+        model = model.to(getattr(torch, dtype))  # the model then expects inputs of this dtype
     load_state_dict_strict(model, weights)
     return model
 

@@ -45,6 +45,8 @@ TECHNIQUES: dict[str, tuple[str, str]] = {
     "benchmark": ("worker.engine.benchmark", "benchmark"),
 }
 _STEPS_SHARE = 95.0  # percent of the progress bar for the steps; the rest is export
+# The ONNX artifact costs seconds per job (exporter start-up + onnxruntime check); a worker may opt out.
+EXPORT_ONNX = True
 
 
 def technique(kind: str) -> Callable[..., StepOutcome]:
@@ -108,7 +110,9 @@ def run_pipeline(
                 {"step_index": index, "kind": step.kind},
             )
     data = load_dataset(dataset_source, spec.preprocessing) if dataset_source is not None else None
-    train, held_out = split(data, spec.preprocessing.eval_fraction, spec.preprocessing.seed) if data else (None, None)
+    train, held_out = (None, None)
+    if data is not None:
+        train, held_out = split(data, spec.preprocessing.eval_fraction, spec.preprocessing.seed)
 
     original = set_eval(load_model(model_source)).to(device)
     for param in original.parameters():  # the reference never trains
@@ -174,7 +178,7 @@ def run_pipeline(
     hooks.on_progress(_STEPS_SHARE, "writing artifacts")
     model = model.cpu() if not _is_cpu(model) else model
     artifacts, export_status = write_model_artifacts(
-        model, workdir, example.cpu(), model_source.architecture, dict(model_source.arch_kwargs)
+        model, workdir, example.cpu(), model_source.architecture, dict(model_source.arch_kwargs), onnx=EXPORT_ONNX
     )
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,

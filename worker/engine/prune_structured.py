@@ -122,6 +122,9 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
     ignored = {output_layer}
     if spec.ignore_layers is not None:
         check_layer_names(spec.ignore_layers, valid, "ignore_layers")
+        clash = sorted(set(spec.ignore_layers) & set(spec.layer_amounts))
+        if clash:
+            raise StepError("layers appear in both ignore_layers and layer_amounts", {"layers": clash})
         ignored |= set(spec.ignore_layers)
     selected = tuple(t for kind, types in (("conv", _CONV), ("linear", (nn.Linear,))) if kind in spec.layer_types for t in types)
     ignored |= {name for name, m in layers.items() if not isinstance(m, selected)}
@@ -132,6 +135,12 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
         hidden = _mlp_hidden_layers(model)
         if not hidden:
             raise StepError("structured pruning of this attention model is not supported (no MLP blocks found)")
+        outside = sorted(set(spec.layer_amounts) - hidden)
+        if outside:
+            raise StepError(
+                "in attention models only MLP hidden layers can be pruned structurally",
+                {"layers": outside, "prunable_examples": sorted(hidden)[:15]},
+            )
         ignored |= set(valid) - hidden
         notes.append("attention model: only MLP hidden neurons were pruned; attention heads and the embedding size are kept")
     if output_layer in spec.layer_amounts:

@@ -29,7 +29,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from jobspec.steps import QuantizeStep
 
-from .training import predict
+from .training import eval_mode, predict
 from .types import StepContext, StepError, StepOutcome, TensorData
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -53,7 +53,7 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
         return _cast_half(model, spec, ctx)
 
     torch.backends.quantized.engine = spec.backend  # int8 kernels are picked by this global setting
-    reference = copy.deepcopy(model).to(CPU).eval()
+    reference = eval_mode(copy.deepcopy(model).to(CPU))
     inputs, source = _fidelity_inputs(ctx)
     if spec.mode == "dynamic":
         quantizer: _Quantizer = _Dynamic(reference, spec)
@@ -64,7 +64,7 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
     else:
         raise StepError(f"unknown quantization mode {spec.mode!r}")
 
-    guarded = _guard(quantizer, reference, inputs, spec)
+    guarded = _guard(quantizer, reference, inputs, spec, ctx)
     quantized = guarded.model
     states = {name: _is_quantized(_submodule(quantized, name)) for name in quantizer.layers}
     details: dict[str, Any] = {
@@ -84,6 +84,7 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
         **quantizer.details(),
     }
     details["size_ratio"] = details["size_bytes_before"] / max(1, details["size_bytes_after"])
+    ctx.progress(1.0, f"{spec.mode} quantization done")
     return StepOutcome(model=quantized, details=details)
 
 
@@ -119,7 +120,7 @@ class _Dynamic(_Quantizer):
         if not self.candidates:
             raise StepError(
                 "dynamic quantization applies to nn.Linear / LSTM / GRU layers and this model has none "
-                "(outside skip_layers); use mode='static' for convolutional models"
+                "(outside skip_layers); use mode='static' for convolutional models" + EXPORTED_HINT
             )
 
     def build(self, keep_fp32: frozenset[str]) -> nn.Module:
@@ -148,7 +149,7 @@ class _Static(_Quantizer):
         self.layers = _candidates(model, *CONV_LAYERS, nn.Linear, skip=[])
         self.candidates = _candidates(model, *CONV_LAYERS, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
-            raise StepError("static quantization found no conv / linear layers to quantize (outside skip_layers)")
+            raise StepError("static quantization found no conv / linear layers to quantize (outside skip_layers)" + EXPORTED_HINT)
         calibration, self.calibration_source = _calibration_data(ctx)
         # One QConfig instance reused across mappings: convert_fx checks its mapping against prepare's.
         self.qconfig = _static_qconfig(spec)
@@ -193,7 +194,10 @@ class _WeightOnly(_Quantizer):
         self.layers = _candidates(model, nn.Linear, skip=[])
         self.candidates = _candidates(model, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
-            raise StepError("weight_only quantization applies to nn.Linear layers and this model has none (outside skip_layers)")
+            raise StepError(
+                "weight_only quantization applies to nn.Linear layers and this model has none (outside skip_layers)"
+                + EXPORTED_HINT
+            )
 
     def build(self, keep_fp32: frozenset[str]) -> nn.Module:
         quantized = copy.deepcopy(self.model)
@@ -247,7 +251,7 @@ class _Guarded:
     rounds: list[dict[str, Any]]
 
 
-def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, spec: QuantizeStep) -> _Guarded:
+def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, spec: QuantizeStep, ctx: StepContext) -> _Guarded:
     reference_out = predict(reference, inputs, CPU)
     model = quantizer.build(frozenset())
     fidelity = _fidelity(model, inputs, reference_out)
@@ -266,6 +270,8 @@ def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, sp
     )
     ranking = sorted(quantizer.candidates, key=lambda name: sensitivity.get(name, 0.0), reverse=True)
     for round_index in range(MAX_GUARD_ROUNDS):
+        ctx.check_canceled()
+        ctx.progress(0.5 + 0.5 * round_index / MAX_GUARD_ROUNDS, "keeping sensitive layers in fp32")
         keep = ranking[: 2**round_index]
         model = quantizer.build(frozenset(keep))
         fidelity = _fidelity(model, inputs, reference_out)
@@ -284,8 +290,8 @@ def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, sp
 def _fidelity(model: nn.Module, inputs: torch.Tensor, reference_out: torch.Tensor) -> dict[str, Any]:
     try:
         out = predict(model, inputs, CPU)
-    except RuntimeError as exc:
-        raise StepError(f"the quantized model fails to run: {exc}") from exc
+    except StepError as exc:
+        raise StepError(f"the quantized model fails to run: {exc.message}", exc.details) from exc
     cosine = nn.functional.cosine_similarity(out.flatten(1), reference_out.flatten(1), dim=1).mean()
     top1 = (out.argmax(1) == reference_out.argmax(1)).float().mean() if out.dim() == 2 else None
     return {
@@ -313,7 +319,7 @@ def layer_sensitivity(
     score includes how much the rest of the network amplifies that layer's error. RNN layers are
     ranked by their weight error alone.
     """
-    model.eval()
+    eval_mode(model)
     reference = model(inputs)
     power = (reference.float() ** 2).sum().clamp_min(1e-12)
     scores: dict[str, float] = {}
@@ -402,14 +408,14 @@ class CastInputs(nn.Module):
 def _cast_half(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutcome:
     dtype = torch.float16 if spec.mode == "fp16" else torch.bfloat16
     device = ctx.device
-    reference = model.to(device).eval()
+    reference = eval_mode(model.to(device))
     inputs, source = _fidelity_inputs(ctx)
     reference_out = predict(reference, inputs, device)
-    halved = CastInputs(copy.deepcopy(reference).to(dtype), dtype).eval()
+    halved = CastInputs(copy.deepcopy(reference).to(dtype), dtype)
     try:
         out = predict(halved, inputs, device)
-    except RuntimeError as exc:
-        raise StepError(f"the model cannot run in {spec.mode} on {device.type}: {exc}") from exc
+    except StepError as exc:
+        raise StepError(f"the model cannot run in {spec.mode} on {device.type}: {exc.message}", exc.details) from exc
     cosine = float(nn.functional.cosine_similarity(out.flatten(1), reference_out.flatten(1), dim=1).mean())
     top1 = float((out.argmax(1) == reference_out.argmax(1)).float().mean()) if out.dim() == 2 else None
     fidelity = {"cosine": round(cosine, 6), "top1_agreement": top1, "samples": int(inputs.shape[0]), "data": source}
@@ -447,6 +453,12 @@ def _check_layer_names(model: nn.Module, names: list[str]) -> None:
             f"skip_layers names layers the model does not have: {', '.join(unknown)}",
             {"unknown_layers": unknown, "suggestions": suggestions},
         )
+
+
+EXPORTED_HINT = (
+    "; a model loaded from a torch.export program keeps its layers as graph operations, not modules, "
+    "so use a state_dict / safetensors upload for int8, or mode='fp16' / 'bf16'"
+)
 
 
 def _candidates(model: nn.Module, *types: type, skip: list[str]) -> list[str]:

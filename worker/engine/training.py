@@ -140,7 +140,13 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if precision.use_scaler else None
     generator = torch.Generator().manual_seed(ctx.seed)
     for module in modules:
-        module.train()
+        try:
+            module.train()
+        except NotImplementedError as exc:
+            raise StepError(
+                "this model cannot be trained: modules from torch.export programs are fixed in the mode they "
+                "were exported in; upload a state_dict / safetensors model to fine-tune or distill into it"
+            ) from exc
 
     epoch_losses: list[float] = []
     done = 0
@@ -180,13 +186,29 @@ def fit(
     return epoch_losses
 
 
+def eval_mode(model: nn.Module) -> nn.Module:
+    """model.eval(), tolerating modules from torch.export programs, which refuse train/eval
+    switches (they were captured in one mode already)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     """Float32 outputs of ``model`` (in eval mode) for ``inputs``, gathered on CPU."""
-    model.eval()
+    eval_mode(model)
     outputs = []
     for start in range(0, inputs.shape[0], batch_size):
-        out = model(inputs[start : start + batch_size].to(device))
+        batch = inputs[start : start + batch_size].to(device)
+        try:
+            out = model(batch)
+        except Exception as exc:  # noqa: BLE001 - shape guards of exported programs raise AssertionError
+            raise StepError(
+                f"the model failed on a batch of shape {list(batch.shape)}: {type(exc).__name__}: {exc}",
+                {"input_shape": list(batch.shape)},
+            ) from exc
         if not isinstance(out, torch.Tensor):
             raise StepError(f"the model returned {type(out).__name__}, expected one logits tensor")
         outputs.append(out.float().cpu())
@@ -205,9 +227,10 @@ def output_dim(model: nn.Module, example_input: torch.Tensor) -> int:
     """Size of the last output dimension (number of classes) from one forward pass."""
     with torch.no_grad():
         was_training = model.training
-        model.eval()
+        eval_mode(model)
         out = model(example_input)
-        model.train(was_training)
+        if was_training:
+            model.train()
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise StepError(f"expected the model to return (batch, classes) logits, got {shape}")

@@ -18,6 +18,8 @@ def _speed(report: dict[str, Any]) -> tuple[bool | None, str]:
         best = max(faster, key=lambda r: r["speedup_vs_original"])
         return True, f"{best['speedup_vs_original']:.2f}x faster at batch size {best['batch_size']} (p95 below the original's p50)"
     ratios = ", ".join(f"{r['speedup_vs_original']}x at batch {r['batch_size']}" for r in rows)
+    if any(r.get("slowdown_significant") for r in rows):
+        return False, f"slower than the original ({ratios})"
     return False, f"no speedup beyond the timing noise ({ratios})"
 
 

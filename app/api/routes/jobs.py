@@ -48,8 +48,7 @@ def submit_job(
     idem = IdempotencyKey.of(tenant_id=principal.tenant_id, key=idempotency_key, scope="jobs",
                              request=payload.model_dump(mode="json"))
     tenant = db.get(Tenant, principal.tenant_id)
-    job = job_service.create(db=db, queue=queue, tenant=tenant, default_limit=settings.max_concurrent_jobs_per_tenant,
-                             payload=payload, idem=idem)
+    job = job_service.create(db=db, queue=queue, tenant=tenant, settings=settings, payload=payload, idem=idem)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
