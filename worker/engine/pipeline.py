@@ -32,6 +32,7 @@ from worker.engine.types import (
     StepOutcome,
     TensorData,
 )
+from worker.engine.targets import evaluate_targets
 from worker.engine.verdict import verdicts
 
 REPORT_SCHEMA_VERSION = "1"
@@ -201,6 +202,8 @@ def run_pipeline(
         "duration_s": round(time.monotonic() - started, 3),
     }
     report["verdicts"] = verdicts(report)
+    if spec.targets is not None:
+        report["targets"] = evaluate_targets(report, spec.targets)
     report = json.loads(json.dumps(report, default=str))  # guarantee JSON-ability for the caller
     report_artifact = Artifact("report.json", workdir / "report.json", "report", "json", "the job's measurements")
     report["artifacts"].append(report_artifact.to_dict())
