@@ -27,12 +27,19 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def _kill(process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 15) -> None:
+    """Signal the process group; a worker still in its warm shutdown after `grace_s` is killed outright."""
     try:
         os.killpg(process.pid, sig)
+        process.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
         process.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
 
 
 class Processes:

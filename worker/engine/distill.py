@@ -96,6 +96,10 @@ def distill(model: nn.Module, spec: DistillStep, ctx: StepContext) -> StepOutcom
         "student_eval_accuracy": accuracy(student, ctx.eval, device),
         "eval_top1_agreement": _agreement(teacher, student, ctx, device),
     }
+    if spec.student != "current":
+        # From here on the model is the student: exports must describe its architecture, not the upload's.
+        details["result_architecture"] = spec.student
+        details["result_arch_kwargs"] = {**spec.student_kwargs, "num_classes": num_classes}
     return StepOutcome(model=student, details=details)
 
 

@@ -49,10 +49,16 @@ def weight_layers(model: nn.Module, kinds: tuple[str, ...] = ("conv", "linear"))
 
 def sparsity(model: nn.Module) -> dict[str, Any]:
     """Parameter counts and the share of exact zeros, overall and per conv / linear layer."""
-    tensors = [p.detach() for p in model.parameters()]
+    params = list(model.parameters())
+    tensors = [p.detach() for p in params]
     layers = weight_layers(model)
-    if is_quantized(model):  # packed int8 weights are not Parameters
-        tensors += [w.detach() for _, w in layers.values()]
+    if is_quantized(model):  # packed int8 weights are not Parameters; fp32 layers' weights already are
+        known = {id(p) for p in params}
+        tensors += [w.detach() for _, w in layers.values() if id(w) not in known]
+        for module in model.modules():  # quantized layers keep their bias outside Parameters too
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            if isinstance(bias, torch.Tensor) and id(bias) not in known:
+                tensors.append(bias.detach())
     total = sum(int(t.numel()) for t in tensors)
     nonzero = sum(int(torch.count_nonzero(t)) for t in tensors)
     per_layer = {

@@ -138,6 +138,7 @@ def run_pipeline(
 
     steps_report: list[dict[str, Any]] = []
     before = original_metrics
+    architecture, arch_kwargs = model_source.architecture, dict(model_source.arch_kwargs)
     count = len(spec.steps)
     for index, step in enumerate(spec.steps):
         hooks.check_canceled()
@@ -165,6 +166,9 @@ def run_pipeline(
                 {"step_index": index, "kind": step.kind},
             ) from exc
         model = set_eval(outcome.model)
+        if "result_architecture" in outcome.details:  # e.g. distillation replaced the network
+            architecture = outcome.details["result_architecture"]
+            arch_kwargs = dict(outcome.details.get("result_arch_kwargs", {}))
         duration = time.monotonic() - began
         after, _ = measure(model, example, held_out, reference_logits)
         steps_report.append({
@@ -179,7 +183,7 @@ def run_pipeline(
     hooks.on_progress(_STEPS_SHARE, "writing artifacts")
     model = model.cpu() if not _is_cpu(model) else model
     artifacts, export_status = write_model_artifacts(
-        model, workdir, example.cpu(), model_source.architecture, dict(model_source.arch_kwargs), onnx=EXPORT_ONNX
+        model, workdir, example.cpu(), architecture, arch_kwargs, onnx=EXPORT_ONNX
     )
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
