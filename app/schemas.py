@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, TypeVar
+from datetime import datetime, timezone
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from jobspec import PipelineSpec
 
 T = TypeVar("T")
+
+
+def _assume_utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC, so say so on the wire.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
 
 
 class ErrorDetail(BaseModel):
@@ -45,7 +53,7 @@ class ModelRead(_Read):
     input_shape: list[int] | None
     num_outputs: int | None
     error: dict[str, Any] | None
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class DatasetRead(_Read):
@@ -60,7 +68,7 @@ class DatasetRead(_Read):
     classes: list[str] | None
     input_shape: list[int] | None
     error: dict[str, Any] | None
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class JobCreate(PipelineSpec):
@@ -91,14 +99,14 @@ class JobRead(_Read):
     spec: dict[str, Any]
     callback_url: str | None
     queue: str = Field(description="modelpress.jobs (CPU workers) or modelpress.jobs.gpu")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class JobEventRead(_Read):
     id: int
-    at: datetime
+    at: UtcDatetime
     type: str
     step: int | None
     kind: str | None
@@ -116,7 +124,7 @@ class ArtifactRead(_Read):
     description: str
     sha256: str
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDatetime
     download_url: str = ""
 
 
@@ -131,7 +139,7 @@ class TenantRead(_Read):
     id: str
     name: str
     max_concurrent_jobs: int | None
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class TenantSelf(TenantRead):
@@ -149,8 +157,8 @@ class ApiKeyRead(_Read):
     tenant_id: str
     name: str
     prefix: str
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: UtcDatetime
+    revoked_at: UtcDatetime | None
 
 
 class ApiKeyCreated(ApiKeyRead):

@@ -158,3 +158,9 @@ def test_openapi_docs_are_served(client):
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert "/v1/jobs" in schema["paths"] and "/v1/models" in schema["paths"]
+
+
+def test_times_are_utc_with_an_offset(client, model_id, queue):
+    queue.run_jobs = False
+    job = client.post("/v1/jobs", json={"model_id": model_id, "steps": PRUNE_AND_BENCH, "input_shape": [3, 32, 32]}).json()
+    assert job["created_at"].endswith(("Z", "+00:00"))
