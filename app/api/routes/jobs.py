@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import JobDep, ObjectId, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.deps import JobDep, QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.db.models import Artifact, Job, Tenant
 from app.errors import NotFound
 from app.schemas import ArtifactRead, ErrorResponse, JobCreate, JobEventRead, JobRead, Page
@@ -132,8 +132,12 @@ def list_artifacts(job: JobDep) -> list[ArtifactRead]:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 404: {"model": ErrorResponse}},
 )
-def download_artifact(job: JobDep, artifact_id: ObjectId, store: StoreDep) -> StreamingResponse:
-    artifact = next((a for a in job.artifacts if a.id == artifact_id), None)
+def download_artifact(
+    job: JobDep, artifact_id: Annotated[str, Path(min_length=1, max_length=255)], store: StoreDep
+) -> StreamingResponse:
+    """Download an artifact by its id or its name (e.g. `model.safetensors`)."""
+    # By id, or by file name: `.../artifacts/model.safetensors` is easier to script.
+    artifact = next((a for a in job.artifacts if artifact_id in (a.id, a.name)), None)
     if artifact is None:
         raise NotFound(f"artifact {artifact_id} not found in job {job.id}", {"id": artifact_id})
     return StreamingResponse(
