@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -72,6 +74,13 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body("validation_error", message[:2000], {"errors": errors})
         body["detail"] = errors  # FastAPI's usual shape, for clients that expect it
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(SQLAlchemyTimeout)
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Pool exhausted under overload, or the database is down: retryable, not a server bug.
+        return JSONResponse(error_body("service_unavailable", "the database is busy or unreachable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

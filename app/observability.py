@@ -7,10 +7,11 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.celery_config import GPU_JOBS_QUEUE, INSPECT_QUEUE, JOBS_QUEUE
 from app.core.config import get_settings
@@ -94,16 +95,34 @@ class StateCollector:
 REGISTRY.register(StateCollector())
 
 
+class MetricsMiddleware:
+    """Times every HTTP request (plain ASGI: no per-request task or body wrapping)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            # The route template keeps label cardinality bounded (no ids in labels).
+            template = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_LATENCY.labels(scope["method"], template, str(status)).observe(time.perf_counter() - started)
+
+
 def install_metrics(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _time_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The route template keeps label cardinality bounded (no ids in labels).
-        template = getattr(route, "path", "unmatched")
-        HTTP_LATENCY.labels(request.method, template, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(MetricsMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(None, validation_alias="MODELPRESS_ADMIN_KEY")
     # Dev/test only: a documented key for the built-in "local" tenant, so `make run` works out of the box.
     local_api_key: str = Field(DEV_LOCAL_KEY, validation_alias="MODELPRESS_LOCAL_KEY")
+    # How long an API key lookup is cached in each API process (a revocation reaches other processes
+    # within this time; the revoking process drops its cache at once). 0 disables the cache.
+    auth_cache_ttl_s: float = Field(10.0, ge=0, validation_alias="MODELPRESS_AUTH_CACHE_TTL_S")
     max_concurrent_jobs_per_tenant: int = Field(8, ge=1, validation_alias="MODELPRESS_MAX_CONCURRENT_JOBS")
 
     # Empty: blobs on the local disk under data_dir. s3://bucket/prefix: S3-compatible object storage

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -36,30 +38,78 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def authenticate(*, db: Session, settings: Settings, presented: str | None) -> Principal:
-    """Resolve a presented key to its principal, or raise 401."""
+class _KeyCache:
+    """key hash -> (expiry, tenant id): most requests authenticate without a database round trip.
+
+    A revoked key stops working at once in the process that revoked it and within `ttl_s` elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> str | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, tenant_id: str, ttl_s: float) -> None:
+        if ttl_s > 0:
+            with self._lock:
+                if len(self._entries) > 10_000:
+                    self._entries.clear()
+                self._entries[key_hash] = (time.monotonic() + ttl_s, tenant_id)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+KEY_CACHE = _KeyCache()
+_local_tenant_ready = False
+
+
+def authenticate_fast(*, settings: Settings, presented: str | None) -> Principal | None:
+    """Resolve a key without the database when possible; None means "look it up" (raises 401 if absent)."""
     if not presented:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     if admin and hmac.compare_digest(presented.encode(), admin.encode()):
         return Principal(tenant_id=None, is_admin=True)
     local = settings.local_key
+    if local and hmac.compare_digest(presented.encode(), local.encode()) and _local_tenant_ready:
+        return Principal(tenant_id=LOCAL_TENANT_ID)
+    tenant_id = KEY_CACHE.get(hash_key(presented))
+    return Principal(tenant_id=tenant_id) if tenant_id else None
+
+
+def authenticate(*, db: Session, settings: Settings, presented: str | None) -> Principal:
+    """Resolve a presented key to its principal, or raise 401."""
+    principal = authenticate_fast(settings=settings, presented=presented)
+    if principal is not None:
+        return principal
+    local = settings.local_key
     if local and hmac.compare_digest(presented.encode(), local.encode()):
         ensure_local_tenant(db)
         return Principal(tenant_id=LOCAL_TENANT_ID)
-    row = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(presented), ApiKey.revoked_at.is_(None)))
+    key_hash = hash_key(presented)
+    row = db.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     if row is None:
         raise Unauthorized("invalid or revoked API key")
+    KEY_CACHE.put(key_hash, row.tenant_id, settings.auth_cache_ttl_s)
     return Principal(tenant_id=row.tenant_id)
 
 
 def ensure_local_tenant(db: Session) -> None:
+    global _local_tenant_ready
     if db.get(Tenant, LOCAL_TENANT_ID) is None:
         db.add(Tenant(id=LOCAL_TENANT_ID, name="local"))
         try:
             db.commit()
         except IntegrityError:  # another request created it first
             db.rollback()
+    _local_tenant_ready = True
 
 
 def create_tenant(*, db: Session, name: str, max_concurrent_jobs: int | None) -> Tenant:
@@ -92,4 +142,5 @@ def revoke_key(*, db: Session, key_id: str) -> ApiKey:
         raise NotFound(f"API key {key_id} not found", {"id": key_id})
     key.revoked_at = key.revoked_at or utcnow()
     db.commit()
+    KEY_CACHE.clear()
     return key

@@ -117,7 +117,7 @@ def test_oversized_upload_is_413(client, monkeypatch):
 
     limited = config.Settings(MODELPRESS_MAX_UPLOAD_BYTES=1000)
     from app.main import app
-    from app.api.deps import get_settings as settings_dep
+    from app.api.deps import current_settings as settings_dep
 
     app.dependency_overrides[settings_dep] = lambda: limited
     try:

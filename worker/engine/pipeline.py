@@ -1,4 +1,4 @@
-"""Run a job's steps in order, measure the model around each, and write artifacts + report.json."""
+"""Run a job's steps in order, measure the model around each, and write artifacts + report.json / .html."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from torch import nn
 from jobspec.steps import PipelineSpec
 from worker.engine.datasets import load_dataset, split
 from worker.engine.device import environment, resolve_device
-from worker.engine.export import write_json, write_model_artifacts
+from worker.engine.export import atomic_write, write_json, write_model_artifacts
 from worker.engine.metrics import measure
 from worker.engine.modelio import INPUT_SHAPE_KEY, call_model, load_model, set_eval
+from worker.engine.report_html import render_html
 from worker.engine.types import (
     Artifact,
     DatasetSource,
@@ -210,10 +211,12 @@ def run_pipeline(
         report["targets"] = evaluate_targets(report, spec.targets)
     report = json.loads(json.dumps(report, default=str))  # guarantee JSON-ability for the caller
     report_artifact = Artifact("report.json", workdir / "report.json", "report", "json", "the job's measurements")
-    report["artifacts"].append(report_artifact.to_dict())
+    page_artifact = Artifact("report.html", workdir / "report.html", "report", "html", "the report as a page for a browser")
+    report["artifacts"] += [report_artifact.to_dict(), page_artifact.to_dict()]
     write_json(report_artifact.path, report)
+    atomic_write(page_artifact.path, lambda p: p.write_text(render_html(report), encoding="utf-8"))
     hooks.on_progress(100.0, "done")
-    return PipelineResult(report, artifacts + [report_artifact])
+    return PipelineResult(report, artifacts + [report_artifact, page_artifact])
 
 
 def _is_cpu(model: nn.Module) -> bool:
