@@ -3,6 +3,8 @@ and counts must not change because a layer was quantized."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torchvision
@@ -49,3 +51,35 @@ def test_dynamic_quantization_keeps_the_parameter_count(tmp_path, save_safetenso
     source = _source(tmp_path, save_safetensors, "mobilenet_v3_small")
     report = run_pipeline(source, spec, None, tmp_path / "out", PipelineHooks()).report
     assert report["final"]["params"] == report["original"]["params"]
+
+
+def test_static_int8_counts_every_fused_layer():
+    from jobspec import QuantizeStep
+    from tests.engine.digits_data import digits_rgb32, make_context, trained_resnet18
+    from worker.engine.metrics import sparsity
+    from worker.engine.quantize import quantize
+
+    model = trained_resnet18()
+    train, held_out = digits_rgb32()
+    outcome = quantize(model, QuantizeStep(mode="static", calibration_batches=2), make_context(model, train, held_out))
+    batchnorm = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    # BatchNorm folds into the convolutions: its scale into their weights, its shift into a new conv
+    # bias per channel (half of BatchNorm's parameters). Every fused layer must still be counted.
+    assert sparsity(outcome.model)["params"] == sparsity(model)["params"] - batchnorm // 2
+
+
+def test_dynamic_int8_leaves_attention_out_projection_alone():
+    from jobspec import QuantizeStep
+    from worker.engine.quantize import quantize
+    from worker.engine.types import StepContext
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                  hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    ctx = StepContext(original=model, example_input=torch.randn(1, 3, 32, 32), device=torch.device("cpu"),
+                      workdir=Path("."))
+    quantized = quantize(model, QuantizeStep(mode="dynamic"), ctx).model
+    out = quantized(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)
+    kinds = {type(m).__name__ for m in quantized.modules()}
+    assert "NonDynamicallyQuantizableLinear" in kinds  # out_proj stayed fp32

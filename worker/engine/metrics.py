@@ -18,6 +18,9 @@ EVAL_BATCH_SIZE = 256
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+
+
 def weight_layers(model: nn.Module, kinds: tuple[str, ...] = ("conv", "linear")) -> dict[str, tuple[str, torch.Tensor]]:
     """Layer name -> (kind, weight) for conv / linear layers.
 
@@ -36,8 +39,11 @@ def weight_layers(model: nn.Module, kinds: tuple[str, ...] = ("conv", "linear"))
     for name, module in model.named_modules():
         kind = "conv" if isinstance(module, _CONV_TYPES) else "linear" if isinstance(module, nn.Linear) else None
         weight = getattr(module, "weight", None)
-        if kind is None and callable(weight) and type(module).__name__ in {"Linear", "Conv2d", "Conv1d", "Conv3d"}:
-            kind = "linear" if type(module).__name__ == "Linear" else "conv"  # quantized modules
+        if kind is None and callable(weight) and type(module).__module__.startswith(_QUANTIZED_MODULES):
+            # quantized Linear / Conv and their fused forms (ConvReLU2d, LinearReLU, ...): tell by rank
+            packed = weight()
+            kind = "linear" if isinstance(packed, torch.Tensor) and packed.ndim == 2 else "conv"
+            weight = packed
         if kind not in kinds:
             continue
         if callable(weight):

@@ -20,7 +20,7 @@ from worker.engine.device import environment, resolve_device
 from worker.engine.export import atomic_write, write_json, write_model_artifacts
 from worker.engine.metrics import measure
 from worker.engine.modelio import INPUT_SHAPE_KEY, call_model, load_model, set_eval
-from worker.engine.report_html import render_html
+from worker.engine.report_html import render_html, reproduce_snippet
 from worker.engine.types import (
     Artifact,
     DatasetSource,
@@ -209,6 +209,8 @@ def run_pipeline(
     report["verdicts"] = verdicts(report)
     if spec.targets is not None:
         report["targets"] = evaluate_targets(report, spec.targets)
+    # Standalone code (torch + torchvision only) that loads the result and times it as the benchmark did.
+    report["reproduce"] = {"python": reproduce_snippet(report)}
     report = json.loads(json.dumps(report, default=str))  # guarantee JSON-ability for the caller
     report_artifact = Artifact("report.json", workdir / "report.json", "report", "json", "the job's measurements")
     page_artifact = Artifact("report.html", workdir / "report.html", "report", "html", "the report as a page for a browser")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
@@ -462,11 +463,17 @@ EXPORTED_HINT = (
 
 
 def _candidates(model: nn.Module, *types: type, skip: list[str]) -> list[str]:
-    """Names of modules of ``types`` that are not skip_layers nor inside one."""
+    """Names of modules of ``types`` that are not skip_layers nor inside one.
+
+    MultiheadAttention's out_proj is left alone: the attention forward reads its `.weight` as a
+    tensor, which a swapped-in quantized Linear no longer has (torch marks it NonDynamicallyQuantizable).
+    """
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, types) and not any(name == s or name.startswith(s + ".") for s in skip)
+        if isinstance(module, types)
+        and not isinstance(module, NonDynamicallyQuantizableLinear)
+        and not any(name == s or name.startswith(s + ".") for s in skip)
     ]
 
 

@@ -531,7 +531,7 @@ def _reproduce(report: dict[str, Any]) -> str:
     how = ("<p>Each timed forward runs on one input repeated to the batch size, under <code>torch.no_grad()</code>; "
            "the compressed model and the original alternate run by run so that drift affects both alike "
            "(wall clock on the CPU, CUDA events on a GPU). The speedup is the original's p50 over the model's p50; "
-           "it counts as significant only when it is beyond the timing noise and the model's p95 is below the original's p50.</p>")
+           "it counts as significant only when at least 3 in 4 neighbouring pairs of timings show a speedup of 1.1x or more.</p>")
     measured = f"<ul>{''.join(parts)}</ul>" if parts else '<p class="muted">No benchmark step: nothing was timed.</p>'
     command = report.get("reproduce")
     if isinstance(command, dict):
