@@ -83,3 +83,59 @@ def test_dynamic_int8_leaves_attention_out_projection_alone():
     assert out.shape == (4, 10)
     kinds = {type(m).__name__ for m in quantized.modules()}
     assert "NonDynamicallyQuantizableLinear" in kinds  # out_proj stayed fp32
+
+
+class _SelfAttention(torch.nn.Module):
+    """Laid out like Hugging Face BERT: query / key / value share a container."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.query, self.key, self.value = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        weights = torch.softmax(self.query(x) @ self.key(x).transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)
+        return weights @ self.value(x)
+
+
+class _Dense(torch.nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.dense = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.dense(x)
+
+
+class _BertLikeBlock(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.attention, self.intermediate, self.output = _SelfAttention(d), _Dense(d, 4 * d), _Dense(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attention(x)
+        return x + self.output(torch.relu(self.intermediate(x)))
+
+
+class _TinyBert(torch.nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, d)
+        self.blocks = torch.nn.Sequential(_BertLikeBlock(d), _BertLikeBlock(d))
+        self.classifier = torch.nn.Linear(d, 10)
+
+    def forward(self, x):
+        return self.classifier(self.blocks(self.embed(x)).mean(1))
+
+
+def test_structured_pruning_finds_bert_style_mlp_layers():
+    from jobspec import PruneStep
+    from worker.engine.prune import prune
+    from worker.engine.types import StepContext
+
+    torch.manual_seed(0)
+    model = _TinyBert().eval()
+    ctx = StepContext(original=model, example_input=torch.randn(1, 6, 8), device=torch.device("cpu"), workdir=Path("."))
+    pruned = prune(model, PruneStep(method="structured", amount=0.5), ctx).model
+    assert pruned.blocks[0].intermediate.dense.out_features == 32  # 64 hidden neurons, half removed
+    assert pruned.blocks[0].attention.query.out_features == 16  # attention untouched
+    assert pruned(torch.randn(2, 6, 8)).shape == (2, 10)

@@ -46,16 +46,19 @@ def _is_transformer(model: nn.Module) -> bool:
 
 
 def _mlp_hidden_layers(model: nn.Module) -> set[str]:
-    """First Linear of each MLP block (a Linear followed by another Linear in the same container):
-    its outputs are the hidden neurons, which can be removed without touching the embedding size."""
-    names = set()
-    for parent_name, parent in model.named_modules():
-        children = list(parent.named_children())
-        linears = [(name, child) for name, child in children if isinstance(child, nn.Linear)]
-        if len(linears) >= 2 and not isinstance(parent, nn.MultiheadAttention):
-            first = linears[0][0]
-            names.add(f"{parent_name}.{first}" if parent_name else first)
-    return names
+    """The expanding Linear of each MLP block (d -> h with h > d, and some Linear maps h back to d):
+    its outputs are the hidden neurons, removable without touching the embedding size.
+
+    Matching shapes rather than container layout finds torchvision's `mlp.0` and Hugging Face's
+    `intermediate.dense` alike, and never picks attention projections (d -> d).
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    back = {(m.in_features, m.out_features) for m in linears.values()}
+    return {
+        name
+        for name, m in linears.items()
+        if m.out_features > m.in_features and (m.out_features, m.in_features) in back
+    }
 
 
 def _prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
