@@ -25,3 +25,8 @@ def test_no_input_causes_a_server_error(case, queue):
     assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}"
     content_type = (response.headers.get("content-type") or [""])[0]
     assert content_type.startswith(("application/json", "application/octet-stream", "text/html")), content_type
+
+
+def teardown_module() -> None:
+    # Shown with `pytest -s` (docs/reliability.md quotes it): how much the fuzzer tried.
+    print(f"\nschemathesis: {FUZZ_STATS['cases']} cases, {FUZZ_STATS['server_errors']} server errors")
