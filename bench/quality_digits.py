@@ -49,6 +49,7 @@ from jobspec.steps import (  # noqa: E402
 )
 from worker.engine import PipelineHooks, TensorData, inspect_dataset, inspect_model, run_pipeline  # noqa: E402
 from worker.engine.datasets import split  # noqa: E402
+from tests.engine.digits_data import accuracy, train_quickly  # noqa: E402
 
 NUM_CLASSES = 10
 STUDENTS = {"resnet18": "mobilenet_v2", "mobilenet_v2": "mobilenet_v3_small"}
@@ -68,31 +69,10 @@ def write_digits(path: Path, size: int) -> TensorData:
 
 
 def train(name: str, data: TensorData, epochs: int, lr: float, seed: int = 0) -> torch.nn.Module:
-    """Adam + one-cycle on the given split; returns the model in eval mode."""
+    """Adam + one-cycle on the given split (the engine tests' recipe); returns the model in eval mode."""
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
-    batch_size = 64
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
-            index = order[start : start + batch_size]
-            loss = F.cross_entropy(model(data.inputs[index]), data.labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: TensorData) -> float:
-    logits = torch.cat([model(data.inputs[i : i + 256]) for i in range(0, len(data), 256)])
-    return float((logits.argmax(1) == data.labels).float().mean())
+    return train_quickly(model, data, epochs=epochs, lr=lr, seed=seed)
 
 
 def jobs(name: str, args: argparse.Namespace) -> dict[str, list[Any]]:
