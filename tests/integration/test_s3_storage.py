@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
-from pathlib import Path
 
 import pytest
 
