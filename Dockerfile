@@ -22,6 +22,9 @@ CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 ARG TORCH_INDEX=""
+# torch.compile (the PT2E int8 runtime) generates and compiles C++ kernels at run time.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN if [ -n "$TORCH_INDEX" ]; then \
       pip install --index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1; \
     else \

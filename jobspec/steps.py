@@ -38,11 +38,17 @@ class PruneStep(_Spec):
     )
     iterative_steps: Annotated[int, Field(ge=1, le=100)] = 1
     calibration_batches: Annotated[int, Field(ge=1, le=1000)] = 4
+    head_amount: Fraction | None = Field(
+        None,
+        description="Structured, attention models: fraction of attention heads to remove in every attention layer.",
+    )
 
     @model_validator(mode="after")
     def _needs_data(self) -> PruneStep:
         if self.method == "unstructured" and self.criterion not in {"l1", "l2", "random"}:
             raise ValueError("unstructured pruning supports criterion l1, l2 or random")
+        if self.method == "unstructured" and self.head_amount is not None:
+            raise ValueError("head_amount needs method 'structured'")
         return self
 
     @property
@@ -105,6 +111,21 @@ class QuantizeStep(_Spec):
     min_fidelity: Annotated[float, Field(ge=-1.0, le=1.0)] | None = Field(
         None, description="Minimum output cosine similarity to the input model; layers are kept in fp32 to reach it."
     )
+    runtime: Literal["auto", "fx", "onnxruntime", "pt2e"] = Field(
+        "auto",
+        description=(
+            "Static int8: which int8 runtime runs the result. fx: PyTorch eager int8 kernels (TorchScript artifact); "
+            "onnxruntime: ONNX Runtime QDQ graph (int8 .onnx artifact); pt2e: torchao PT2E + torch.compile "
+            "(int8 .pt2 artifact, compile it to run fast); auto: build each available one, time them side by side "
+            "and keep the fastest that meets min_fidelity."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _runtime_fits_mode(self) -> QuantizeStep:
+        if self.runtime not in ("auto", "fx") and self.mode != "static":
+            raise ValueError(f"runtime {self.runtime!r} applies to mode 'static' only")
+        return self
 
     @property
     def needs_data(self) -> bool:

@@ -61,7 +61,7 @@ def test_static_int8_counts_every_fused_layer():
 
     model = trained_resnet18()
     train, held_out = digits_rgb32()
-    outcome = quantize(model, QuantizeStep(mode="static", calibration_batches=2), make_context(model, train, held_out))
+    outcome = quantize(model, QuantizeStep(mode="static", runtime="fx", calibration_batches=2), make_context(model, train, held_out))
     batchnorm = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     # BatchNorm folds into the convolutions: its scale into their weights, its shift into a new conv
     # bias per channel (half of BatchNorm's parameters). Every fused layer must still be counted.

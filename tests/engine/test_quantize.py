@@ -64,7 +64,7 @@ def test_dynamic_int8_of_an_mlp_uses_quantized_linear_kernels():
 def test_static_int8_of_a_trained_resnet18():
     train, evaluation = digits_rgb32()
     model = trained_resnet18()
-    outcome = quantize(model, QuantizeStep(mode="static", calibration_batches=8), make_context(model, train, evaluation))
+    outcome = quantize(model, QuantizeStep(mode="static", runtime="fx", calibration_batches=8), make_context(model, train, evaluation))
 
     quantized = outcome.model
     kinds = {type(m) for m in quantized.modules()}
@@ -85,10 +85,10 @@ def test_fidelity_guard_keeps_sensitive_layers_in_fp32():
     train, evaluation = digits_rgb32()
     model = trained_resnet18()
     ctx = make_context(model, train, evaluation)
-    baseline = quantize(model, QuantizeStep(mode="static"), ctx).details["fidelity"]["cosine"]
+    baseline = quantize(model, QuantizeStep(mode="static", runtime="fx"), ctx).details["fidelity"]["cosine"]
     target = 1.0 - (1.0 - baseline) / 2  # halve the output error
 
-    outcome = quantize(model, QuantizeStep(mode="static", min_fidelity=target), ctx)
+    outcome = quantize(model, QuantizeStep(mode="static", runtime="fx", min_fidelity=target), ctx)
     details = outcome.details
     kept = details["kept_fp32_for_fidelity"]
     assert kept and details["fidelity"]["cosine"] >= target
@@ -104,7 +104,7 @@ def test_unreachable_fidelity_fails_with_the_numbers():
     train, evaluation = digits_rgb32()
     model = trained_resnet18()
     with pytest.raises(StepError, match="could not reach min_fidelity 1.0") as info:
-        quantize(model, QuantizeStep(mode="static", min_fidelity=1.0), make_context(model, train, evaluation))
+        quantize(model, QuantizeStep(mode="static", runtime="fx", min_fidelity=1.0), make_context(model, train, evaluation))
     rounds = info.value.details["rounds"]
     assert len(rounds) == 6 and all(r["cosine"] < 1.0 for r in rounds)
 
@@ -112,7 +112,7 @@ def test_unreachable_fidelity_fails_with_the_numbers():
 def test_static_int8_skip_layers_and_per_tensor_weights():
     train, evaluation = digits()
     model = trained_cnn()
-    spec = QuantizeStep(mode="static", per_channel=False, skip_layers=["classifier"])
+    spec = QuantizeStep(mode="static", runtime="fx", per_channel=False, skip_layers=["classifier"])
     outcome = quantize(model, spec, make_context(model, train, evaluation))
 
     assert type(outcome.model.get_submodule("classifier")) is nn.Linear
@@ -173,7 +173,7 @@ def test_untraceable_model_static_fails_and_suggests_dynamic():
     train, evaluation = digits()
     model = _DataDependent()
     with pytest.raises(StepError, match="mode='dynamic'"):
-        quantize(model, QuantizeStep(mode="static"), make_context(model, train, evaluation))
+        quantize(model, QuantizeStep(mode="static", runtime="fx"), make_context(model, train, evaluation))
 
 
 def test_dynamic_mode_on_a_conv_only_model_is_an_error():

@@ -18,7 +18,8 @@ import torchvision
 
 from jobspec.steps import PipelineSpec
 from worker.engine import PipelineHooks, inspect_model, run_pipeline
-from worker.engine.report_html import MAX_SPARSITY_BARS, latency_points, render_html, reproduce_snippet
+from worker.engine.report_html import render_html, reproduce_snippet
+from worker.engine.report_plots import MAX_SPARSITY_BARS, latency_points
 
 EVIL = "<img src=x onerror=alert(1)>"
 CHROMIUM_TIMEOUT_S = 60
@@ -186,6 +187,51 @@ def test_latency_points_follow_the_model_states(report):
     assert batch == 1
     assert [(p["label"], p["p50"]) for p in points] == [("original", 20.0), ("1: finetune", 10.0)]
     assert notes == ["not timed: 0: prune (no benchmark step after it)"]
+
+
+def _quantize_step(index: int, before: dict[str, Any], candidates: Any) -> dict[str, Any]:
+    """A static int8 quantize step whose runtime was chosen by timing the candidates side by side."""
+    details = {"mode": "static", "backend": "x86", "runtime": "onnxruntime",
+               "runtime_choice_note": "onnxruntime was the fastest runtime that met min_fidelity.",
+               "runtime_candidates": candidates}
+    return {"index": index, "kind": "quantize", "spec": {"kind": "quantize", "mode": "static", "runtime": "auto"},
+            "before": before, "after": _metrics(10 * 2**20, 0.5, 0.79, {}), "details": details, "duration_s": 8.0}
+
+
+def _candidate(runtime: str, **fields: Any) -> dict[str, Any]:
+    base = {"runtime": runtime, "available": True, "p50_ms": None, "fp32_p50_ms": None, "speedup_vs_fp32": None,
+            "cosine": None, "top1_agreement": None, "meets_fidelity": None, "chosen": False, "reason": None}
+    return base | fields
+
+
+def test_quantize_step_shows_its_runtime_candidates(report):
+    candidates = [
+        _candidate("fx", p50_ms=6.0, fp32_p50_ms=12.0, speedup_vs_fp32=2.0, cosine=0.998, top1_agreement=0.97,
+                   meets_fidelity=True, reason="slower than onnxruntime"),
+        _candidate("onnxruntime", p50_ms=4.0, fp32_p50_ms=12.0, speedup_vs_fp32=3.0, cosine=0.995, top1_agreement=0.96,
+                   meets_fidelity=True, chosen=True),
+        _candidate("pt2e", available=False, reason="torchao is not installed <script>alert(1)</script>"),
+    ]
+    report["steps"].insert(2, _quantize_step(2, report["final"], candidates))
+    html = render_html(report)
+    _parse(html)
+    assert "int8 runtime: <code>onnxruntime</code>. onnxruntime was the fastest runtime that met min_fidelity." in html
+    assert html.count('<tr class="marked">') == 1
+    chosen_row = html.split('<tr class="marked">')[1].split("</tr>")[0]
+    assert "<code>onnxruntime</code>" in chosen_row and "4.00 ms" in chosen_row and "\u00d73" in chosen_row
+    assert "\u2714 chosen" in chosen_row
+    assert "<code>fx</code>" in html and "not chosen: slower than onnxruntime" in html
+    assert "unavailable: torchao is not installed &lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+
+    # odd candidate lists still draw; a report without the key draws no runtime table
+    for odd in (None, [], "fx", [None, {"runtime": EVIL, "chosen": "yes", "p50_ms": "?"}]):
+        report["steps"][2] = _quantize_step(2, report["final"], odd)
+        html = render_html(report)
+        assert "could not be drawn" not in html and EVIL not in html and '<tr class="marked">' not in html
+        assert "int8 runtime: <code>onnxruntime</code>" in html
+    del report["steps"][2]["details"]["runtime_candidates"]
+    assert "int8 runtime" not in render_html(report)
 
 
 def _paths(value: Any, prefix: tuple = (), depth: int = 4) -> list[tuple]:

@@ -45,7 +45,7 @@ def test_unstructured_sparsity_on_dense_kernels_is_not_called_faster(tmp_path, n
 
 
 def test_real_int8_resnet_is_called_faster(tmp_path, no_onnx):
-    report, verdicts = _verdict(tmp_path, [{"kind": "quantize", "mode": "static", "calibration_batches": 4}])
+    report, verdicts = _verdict(tmp_path, [{"kind": "quantize", "mode": "static", "runtime": "fx", "calibration_batches": 4}])
     (result,) = report["steps"][-1]["details"]["results"]
     assert result["speedup_vs_original"] > 1.5, result
     assert verdicts["model.torchscript.pt"]["verdict"] == "faster", verdicts

@@ -32,6 +32,8 @@ def module_device(model: nn.Module, default: torch.device) -> torch.device:
 
 def is_quantized(model: nn.Module) -> bool:
     """True when the model holds int8 kernels or quantized tensors, which most techniques cannot edit."""
+    if isinstance(getattr(model, "int8_runtime", None), str):  # runtimes.OnnxRuntimeModel / CompiledPt2eModel
+        return True
     for module in model.modules():
         if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
             return True

@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from worker.engine.device import is_quantized
-from worker.engine.modelio import call_model, is_exported, set_eval
+from worker.engine.modelio import call_model, compare_outputs, is_exported, set_eval
+from worker.engine.runtimes import int8_runtime
 from worker.engine.types import Artifact, ModelError
 
 STRUCTURE_VERSION = 1
+RUNTIME_ARTIFACTS = {
+    "onnxruntime": "int8 ONNX (QDQ) graph: onnxruntime.InferenceSession(path)",
+    "pt2e": "int8 torch.export program: import torchao, then torch.compile(torch.export.load(path).module()) (eager it is slow)",
+}
 # Module attributes that hold sizes; structured pruning changes them, a rebuild must restore them.
 SHAPE_ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
@@ -79,18 +84,6 @@ def unwrap_input_cast(model: nn.Module) -> tuple[nn.Module, torch.dtype | None]:
     return model, None
 
 
-def _compare(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
-    if expected.shape != got.shape:
-        return {"verified": False, "reason": f"output shape {list(got.shape)} != {list(expected.shape)}"}
-    diff = float((expected.float() - got.float()).abs().max())
-    scale = float(expected.float().abs().max()) or 1.0
-    ok = diff <= 1e-3 * scale + 1e-4
-    result: dict[str, Any] = {"verified": ok, "max_abs_diff": diff}
-    if not ok:
-        result["reason"] = "reloaded artifact's output differs from the in-memory model"
-    return result
-
-
 def _try(name: str, status: dict[str, Any], action: Callable[[], dict[str, Any]], files: list[Path]) -> bool:
     try:
         status[name] = {"ok": True, **action()}
@@ -139,6 +132,13 @@ def write_model_artifacts(
     quantized = is_quantized(model)
     artifacts: list[Artifact] = []
     status: dict[str, Any] = {}
+    runtime = int8_runtime(model)
+    if runtime:  # an int8 graph for ONNX Runtime / torch.compile: its own file is the artifact
+        name = model.artifact_name
+        fmt = name.rsplit(".", 1)[-1]
+        if _try(fmt, status, lambda: model.write_artifacts(workdir, example, expected, atomic_write), [workdir / name]):
+            artifacts.append(Artifact(name, workdir / name, "model", fmt, RUNTIME_ARTIFACTS[runtime]))
+        return artifacts, status
 
     def add(name: str, fmt: str, description: str) -> None:
         artifacts.append(Artifact(name, workdir / name, "model", fmt, description))
@@ -167,7 +167,7 @@ def write_model_artifacts(
                 f"the weights no longer fit the {architecture} layout ({exc.message}); use the TorchScript or .pt2 artifact"
             ) from exc
         with torch.no_grad():
-            return _compare(expected, call_model(rebuilt, example.to(input_dtype or example.dtype)).float())
+            return compare_outputs(expected, call_model(rebuilt, example.to(input_dtype or example.dtype)).float())
 
     if _try("safetensors", status, weights, weight_files):
         add("model.safetensors", "safetensors", "weights; rebuild with structure.json (modelio.rebuild_model)")
@@ -179,7 +179,7 @@ def write_model_artifacts(
         exported, mode = _export_program(model, example)
         atomic_write(workdir / "model.pt2", lambda p: torch.export.save(exported, str(p)))
         with torch.no_grad():
-            check = _compare(expected, call_model(load_exported_artifact(workdir / "model.pt2"), example))
+            check = compare_outputs(expected, call_model(load_exported_artifact(workdir / "model.pt2"), example))
         return {"mode": mode, **check}
 
     if _try("pt2", status, program, [workdir / "model.pt2"]):
@@ -193,7 +193,7 @@ def write_model_artifacts(
             traced = torch.jit.trace(model, example, check_trace=False)
             atomic_write(workdir / "model.torchscript.pt", lambda p: torch.jit.save(traced, str(p)))
             reloaded = torch.jit.load(str(workdir / "model.torchscript.pt"), map_location="cpu")
-            return _compare(expected, call_model(reloaded, example))
+            return compare_outputs(expected, call_model(reloaded, example))
 
     if _try("torchscript", status, torchscript, [workdir / "model.torchscript.pt"]):
         add("model.torchscript.pt", "torchscript", "TorchScript (traced): torch.jit.load(path)")

@@ -12,6 +12,7 @@ from torch import nn
 
 from worker.engine.device import is_quantized, module_device
 from worker.engine.modelio import call_model, is_exported, set_eval
+from worker.engine.runtimes import int8_runtime
 from worker.engine.types import TensorData
 
 EVAL_BATCH_SIZE = 256
@@ -55,6 +56,8 @@ def weight_layers(model: nn.Module, kinds: tuple[str, ...] = ("conv", "linear"))
 
 def sparsity(model: nn.Module) -> dict[str, Any]:
     """Parameter counts and the share of exact zeros, overall and per conv / linear layer."""
+    if int8_runtime(model):
+        return _tensor_sparsity(model.weight_tensors())
     params = list(model.parameters())
     tensors = [p.detach() for p in params]
     layers = weight_layers(model)
@@ -78,8 +81,25 @@ def sparsity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _tensor_sparsity(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The same counts for a graph's weight tensors (int8 runtimes keep no nn.Parameters)."""
+    total = sum(int(t.numel()) for t in tensors.values())
+    nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
+    return {
+        "params": total,
+        "nonzero_params": nonzero,
+        "sparsity": round(1.0 - nonzero / total, 6) if total else 0.0,
+        "layer_sparsity": {
+            name: round(1.0 - int(torch.count_nonzero(t)) / t.numel(), 6) for name, t in tensors.items() if t.ndim >= 2
+        },
+    }
+
+
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int | None, str | None]:
     """MACs of one forward at the example input's batch size, or (None, why not)."""
+    runtime = int8_runtime(model)
+    if runtime:
+        return None, f"MACs are not counted inside {runtime} int8 graphs; the fp32 model's count applies"
     if is_quantized(model):
         return None, "MAC counting does not understand quantized modules"
     if is_exported(model):

@@ -409,6 +409,19 @@ def _first_output(output: Any) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def compare_outputs(expected: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+    """Whether a reloaded artifact reproduces the in-memory model's output (relative tolerance 1e-3)."""
+    if expected.shape != got.shape:
+        return {"verified": False, "reason": f"output shape {list(got.shape)} != {list(expected.shape)}"}
+    diff = float((expected.float() - got.float()).abs().max())
+    scale = float(expected.float().abs().max()) or 1.0
+    ok = diff <= 1e-3 * scale + 1e-4
+    result: dict[str, Any] = {"verified": ok, "max_abs_diff": diff}
+    if not ok:
+        result["reason"] = "reloaded artifact's output differs from the in-memory model"
+    return result
+
+
 def load_exported_artifact(path: Path) -> nn.Module:
     """Load a .pt2 the engine wrote (through the same safety checks as an upload)."""
     return _program_module(_load_exported(Path(path)))
@@ -420,6 +433,7 @@ def rebuild_model(structure: dict[str, Any], weights: dict[str, torch.Tensor]) -
     if not structure.get("architecture"):
         raise ModelError("structure.json names no architecture; load the .pt2 program instead")
     model = build_architecture(structure["architecture"], dict(structure.get("arch_kwargs") or {}))
+    _restore_pruned_attention(model, structure.get("layers", {}))
     modules = dict(model.named_modules())
     for name, record in structure.get("layers", {}).items():
         module = modules.get(name)
@@ -448,6 +462,22 @@ def rebuild_model(structure: dict[str, Any], weights: dict[str, torch.Tensor]) -
         model = model.to(getattr(torch, dtype))  # the model then expects inputs of this dtype
     load_state_dict_strict(model, weights)
     return model
+
+
+def _restore_pruned_attention(model: nn.Module, layers: dict[str, Any]) -> None:
+    """Swap in a HeadPrunedAttention (with the recorded head count) wherever head pruning put one."""
+    from worker.engine.prune_heads import HeadPrunedAttention
+
+    modules = dict(model.named_modules())
+    for name, record in layers.items():
+        if record.get("type") != HeadPrunedAttention.__name__:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        original = getattr(modules.get(parent_name), child, None)
+        heads = record.get("num_heads")
+        if not isinstance(original, nn.MultiheadAttention) or not isinstance(heads, int) or not 0 < heads <= original.num_heads:
+            raise ModelError(f"structure.json records pruned attention at {name!r} that does not fit the architecture")
+        setattr(modules[parent_name], child, HeadPrunedAttention.like(original, heads))
 
 
 def load_artifacts(workdir: Path) -> nn.Module:

@@ -13,6 +13,17 @@ from torch import nn
 OPSET = 18
 
 
+def write_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
+    """Export ``model`` to ``target`` with a dynamic batch; the graph's input is named "input"."""
+    # The exporter reports progress on stdout; keep worker logs clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=OPSET, input_names=["input"], output_names=["output"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
+        )
+    program.save(str(target))
+
+
 def export_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -23,17 +34,8 @@ def export_onnx(
     """Write ``path`` and compare onnxruntime's output on ``example`` with ``expected``."""
     import onnxruntime
 
-    def write(target: Path) -> None:
-        # The exporter reports progress on stdout; keep worker logs clean.
-        with contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=OPSET, input_names=["input"], output_names=["output"],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
-            )
-        program.save(str(target))
-
     pair = torch.cat([example, example])
-    atomic_write(path, write)
+    atomic_write(path, lambda target: write_onnx(model, example, target))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     got = torch.from_numpy(session.run(None, {name: pair.numpy()})[0])[:1]

@@ -17,6 +17,7 @@ from jobspec.steps import PruneStep
 from worker.engine.metrics import count_macs
 from worker.engine.modelio import call_model, is_exported, set_eval
 from worker.engine.prune import check_layer_names, classifier_name
+from worker.engine.prune_heads import HeadPrunedAttention, attention_layers, prune_heads
 from worker.engine.types import StepContext, StepError, StepOutcome
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,7 +43,7 @@ def _importance(criterion: str) -> Any:
 
 
 def _is_transformer(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
+    return bool(attention_layers(model)) or any("Attention" in type(m).__name__ for m in model.modules())
 
 
 def _mlp_hidden_layers(model: nn.Module) -> set[str]:
@@ -50,9 +51,14 @@ def _mlp_hidden_layers(model: nn.Module) -> set[str]:
     its outputs are the hidden neurons, removable without touching the embedding size.
 
     Matching shapes rather than container layout finds torchvision's `mlp.0` and Hugging Face's
-    `intermediate.dense` alike, and never picks attention projections (d -> d).
+    `intermediate.dense` alike. Linears inside attention modules are left out: after head pruning
+    their shapes (d -> kept heads x head_dim -> d) would look like an MLP too.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    attention = tuple(
+        f"{name}." for name, m in model.named_modules()
+        if name and (isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__)
+    )
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith(attention)}
     back = {(m.in_features, m.out_features) for m in linears.values()}
     return {
         name
@@ -132,11 +138,17 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
     selected = tuple(t for kind, types in (("conv", _CONV), ("linear", (nn.Linear,))) if kind in spec.layer_types for t in types)
     ignored |= {name for name, m in layers.items() if not isinstance(m, selected)}
     notes: list[str] = []
+    if spec.head_amount is not None and not attention_layers(model):
+        raise StepError(
+            "head_amount applies to attention models (nn.MultiheadAttention or BERT-style self-attention); "
+            "this model has no attention layers: use amount / layer_amounts to remove channels instead",
+            {"head_amount": spec.head_amount},
+        )
     if _is_transformer(model):
-        # Attention layers tie q/k/v, heads and the embedding size together across every block;
-        # removing MLP hidden neurons is the change that keeps the network's interfaces intact.
+        # The embedding size ties every block together through the residual stream; MLP hidden
+        # neurons and (with head_amount) whole heads are what can go without touching it.
         hidden = _mlp_hidden_layers(model)
-        if not hidden:
+        if not hidden and spec.head_amount is None:
             raise StepError("structured pruning of this attention model is not supported (no MLP blocks found)")
         outside = sorted(set(spec.layer_amounts) - hidden)
         if outside:
@@ -145,20 +157,42 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
                 {"layers": outside, "prunable_examples": sorted(hidden)[:15]},
             )
         ignored |= set(valid) - hidden
-        notes.append("attention model: only MLP hidden neurons were pruned; attention heads and the embedding size are kept")
+        notes.append(
+            "attention model: attention heads and MLP hidden neurons were pruned; the embedding size is kept"
+            if spec.head_amount is not None
+            else "attention model: only MLP hidden neurons were pruned; attention heads (see head_amount) and the "
+            "embedding size are kept"
+        )
     if output_layer in spec.layer_amounts:
         raise StepError(
             f"layer {output_layer!r} produces the class scores; structured pruning cannot remove its outputs",
             {"layer": output_layer},
         )
     ignored -= set(spec.layer_amounts)  # an explicit ratio wins over defaults
-    ignored_modules = [layers[name] for name in ignored if name in layers]
-    ignored_modules += [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
 
     example = ctx.example_input.to(ctx.device)
     base_macs, _ = count_macs(model, example)
     before_params = sum(p.numel() for p in model.parameters())
     before_channels = _channels(model)
+    calibration, labels = (None, None)
+    if spec.criterion in {"taylor", "activation"}:
+        calibration, labels = _calibration(ctx, spec.calibration_batches)
+    head_details = None
+    if spec.head_amount is not None:
+        # Heads go before MLP neurons: a target_macs_reduction search then counts what the heads
+        # saved, and torch-pruning traces the attention modules the model keeps, not ones about
+        # to be replaced.
+        if spec.criterion == "taylor":
+            _collect_gradients(model, ctx, calibration, labels)
+        head_details = prune_heads(model, spec.head_amount, spec.criterion, seed=ctx.seed)
+        model.zero_grad(set_to_none=True)
+        set_eval(model)
+        layers = _prunable_layers(model)  # pruned nn.MultiheadAttention were replaced
+        notes += head_details.pop("notes", [])
+        ctx.check_canceled()
+    ignored_modules = [layers[name] for name in ignored if name in layers]
+    # torch-pruning must not resize attention: heads are pruned above, by prune_heads.
+    ignored_modules += [m for m in model.modules() if isinstance(m, (nn.MultiheadAttention, HeadPrunedAttention))]
     importance = _importance(spec.criterion)
     target = spec.target_macs_reduction
     steps = _MAC_SEARCH_ROUNDS if target else spec.iterative_steps
@@ -184,9 +218,6 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
                 "use method 'unstructured' instead",
                 {"criterion": spec.criterion},
             ) from exc
-        calibration, labels = (None, None)
-        if spec.criterion in {"taylor", "activation"}:
-            calibration, labels = _calibration(ctx, spec.calibration_batches)
         macs = base_macs
         rounds = 0
         for rounds in range(1, steps + 1):
@@ -230,6 +261,8 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
             if after_channels.get(name) != before_channels[name]
         },
     }
+    if head_details is not None:
+        details["attention_heads"] = head_details
     if target and details["macs_reduction"] is not None and details["macs_reduction"] < target:
         notes.append(f"MACs shrank {details['macs_reduction']}x, short of the requested {target}x")
     if notes:

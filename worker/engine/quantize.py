@@ -1,8 +1,9 @@
-"""Quantization with real low-precision kernels: int8 dynamic / static (FX graph mode), int8
-weight-only storage, and fp16 / bf16 casts.
+"""Quantization with real low-precision kernels: int8 dynamic (PyTorch), int8 static (PyTorch FX,
+ONNX Runtime or PT2E + torch.compile, chosen by measurement), int8 weight-only storage, and fp16 /
+bf16 casts.
 
-Every int8 mode goes through one fidelity guard: quantize, compare outputs with the fp32 model,
-and when `min_fidelity` is not met keep the most sensitive layers in fp32 and try again.
+Every int8 mode goes through one fidelity guard (quantize_guard): quantize, compare outputs with
+the fp32 model, and when `min_fidelity` is not met keep the most sensitive layers in fp32 and try again.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import copy
 import difflib
 import io
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.ao.quantization import (
     QConfig,
     QConfigMapping,
@@ -30,16 +29,22 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from jobspec.steps import QuantizeStep
 
+from .quantize_guard import (
+    CONV_LAYERS,
+    CPU,
+    EXPORTED_HINT,
+    Guarded,
+    Quantizer,
+    calibration_batches,
+    candidates,
+    guard,
+    symmetric_int8,
+)
 from .training import eval_mode, predict
-from .types import StepContext, StepError, StepOutcome, TensorData
+from .types import StepContext, StepError, StepOutcome
 
-CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 RNN_LAYERS = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-CALIBRATION_BATCH_SIZE = 32
 FIDELITY_SAMPLES = 256  # outputs compared with the fp32 model
-SENSITIVITY_SAMPLES = 32  # inputs for the per-layer sensitivity passes (one forward per layer)
-MAX_GUARD_ROUNDS = 5  # keeps the top 1, 2, 4, 8, 16 most sensitive layers in fp32
-CPU = torch.device("cpu")
 
 
 def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutcome:
@@ -56,18 +61,28 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
     torch.backends.quantized.engine = spec.backend  # int8 kernels are picked by this global setting
     reference = eval_mode(copy.deepcopy(model).to(CPU))
     inputs, source = _fidelity_inputs(ctx)
-    if spec.mode == "dynamic":
-        quantizer: _Quantizer = _Dynamic(reference, spec)
-    elif spec.mode == "static":
-        quantizer = _Static(reference, spec, ctx)
-    elif spec.mode == "weight_only":
-        quantizer = _WeightOnly(reference, spec)
-    else:
-        raise StepError(f"unknown quantization mode {spec.mode!r}")
+    extra: dict[str, Any] = {}
+    if spec.mode == "static":
+        from .quantize_runtimes import quantize_static
 
-    guarded = _guard(quantizer, reference, inputs, spec, ctx)
+        quantizer, guarded, extra = quantize_static(reference, spec, ctx, inputs, lambda: _Static(reference, spec, ctx))
+    else:
+        if spec.mode == "dynamic":
+            quantizer = _Dynamic(reference, spec)
+        elif spec.mode == "weight_only":
+            quantizer = _WeightOnly(reference, spec)
+        else:
+            raise StepError(f"unknown quantization mode {spec.mode!r}")
+        guarded = guard(quantizer, reference, inputs, spec, ctx)
+    details = _int8_details(quantizer, guarded, spec, reference, source)
+    details.update(extra)
+    ctx.progress(1.0, f"{spec.mode} quantization done")
+    return StepOutcome(model=guarded.model, details=details)
+
+
+def _int8_details(quantizer: Quantizer, guarded: Guarded, spec: QuantizeStep, reference: nn.Module, source: str) -> dict[str, Any]:
     quantized = guarded.model
-    states = {name: _is_quantized(_submodule(quantized, name)) for name in quantizer.layers}
+    states = quantizer.layer_states(quantized, guarded.kept)
     details: dict[str, Any] = {
         "mode": spec.mode,
         "backend": spec.backend,
@@ -85,39 +100,24 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
         **quantizer.details(),
     }
     details["size_ratio"] = details["size_bytes_before"] / max(1, details["size_bytes_after"])
-    ctx.progress(1.0, f"{spec.mode} quantization done")
-    return StepOutcome(model=quantized, details=details)
+    return details
 
 
-# ---------------------------------------------------------------------------------------------
-# The three int8 modes share one interface: the layers they may quantize, and a builder that
-# quantizes all of them except a given set kept in fp32.
+class _EagerQuantizer(Quantizer):
+    """Quantizers whose result is an eager PyTorch module: a layer is int8 when its module is."""
+
+    def layer_states(self, model: nn.Module, kept: list[str]) -> dict[str, bool]:
+        return {name: _is_quantized(_submodule(model, name)) for name in self.layers}
 
 
-class _Quantizer:
-    layers: list[str]  # every layer of the kinds this mode handles, for the report
-    candidates: list[str]  # those it may quantize (outside skip_layers)
-
-    def build(self, keep_fp32: frozenset[str]) -> nn.Module:
-        raise NotImplementedError
-
-    # Which tensors the int8 version rounds besides weights: layer inputs (dynamic, static) and
-    # layer outputs (static only: dynamic and weight-only layers return float).
-    quantizes_inputs = True
-    quantizes_outputs = False
-
-    def details(self) -> dict[str, Any]:
-        return {}
-
-
-class _Dynamic(_Quantizer):
+class _Dynamic(_EagerQuantizer):
     """Weights int8 ahead of time, activations quantized per batch at run time (Linear / RNNs)."""
 
     def __init__(self, model: nn.Module, spec: QuantizeStep):
         self.model = model
         self.spec = spec
-        self.layers = _candidates(model, nn.Linear, *RNN_LAYERS, skip=[])
-        self.candidates = _candidates(model, nn.Linear, *RNN_LAYERS, skip=spec.skip_layers)
+        self.layers = candidates(model, nn.Linear, *RNN_LAYERS, skip=[])
+        self.candidates = candidates(model, nn.Linear, *RNN_LAYERS, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError(
                 "dynamic quantization applies to nn.Linear / LSTM / GRU layers and this model has none "
@@ -136,7 +136,7 @@ class _Dynamic(_Quantizer):
         return quantize_dynamic(copy.deepcopy(self.model), qconfig_spec, dtype=torch.qint8)
 
 
-class _Static(_Quantizer):
+class _Static(_EagerQuantizer):
     """Post-training static int8 in FX graph mode: prepare (fuse + observers), calibrate, convert.
 
     Calibration happens once; each guard round only re-runs convert on a copy of the calibrated
@@ -147,11 +147,11 @@ class _Static(_Quantizer):
 
     def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
         self.spec = spec
-        self.layers = _candidates(model, *CONV_LAYERS, nn.Linear, skip=[])
-        self.candidates = _candidates(model, *CONV_LAYERS, nn.Linear, skip=spec.skip_layers)
+        self.layers = candidates(model, *CONV_LAYERS, nn.Linear, skip=[])
+        self.candidates = candidates(model, *CONV_LAYERS, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError("static quantization found no conv / linear layers to quantize (outside skip_layers)" + EXPORTED_HINT)
-        calibration, self.calibration_source = _calibration_data(ctx)
+        batches, self.calibration_source = calibration_batches(ctx, spec)
         # One QConfig instance reused across mappings: convert_fx checks its mapping against prepare's.
         self.qconfig = _static_qconfig(spec)
         example = (ctx.example_input.detach().to(CPU),)
@@ -166,12 +166,11 @@ class _Static(_Quantizer):
             ) from exc
         self.calibration_samples = 0
         with torch.no_grad():
-            for start in range(0, min(len(calibration), spec.calibration_batches * CALIBRATION_BATCH_SIZE), CALIBRATION_BATCH_SIZE):
+            for index, batch in enumerate(batches):
                 ctx.check_canceled()
-                batch = calibration.inputs[start : start + CALIBRATION_BATCH_SIZE]
                 self.prepared(batch)
                 self.calibration_samples += int(batch.shape[0])
-                ctx.progress(min(1.0, self.calibration_samples / (spec.calibration_batches * CALIBRATION_BATCH_SIZE)) * 0.5, "calibrating")
+                ctx.progress(0.5 * (index + 1) / len(batches), "calibrating")
 
     def _mapping(self, keep_fp32: frozenset[str]) -> QConfigMapping:
         mapping = get_default_qconfig_mapping(self.spec.backend).set_global(self.qconfig)
@@ -186,14 +185,14 @@ class _Static(_Quantizer):
         return {"calibration_samples": self.calibration_samples, "calibration_data": self.calibration_source}
 
 
-class _WeightOnly(_Quantizer):
+class _WeightOnly(_EagerQuantizer):
     """Linear weights stored as int8 + per-output-channel scales, dequantized in forward."""
 
     def __init__(self, model: nn.Module, spec: QuantizeStep):
         self.model = model
         self.spec = spec
-        self.layers = _candidates(model, nn.Linear, skip=[])
-        self.candidates = _candidates(model, nn.Linear, skip=spec.skip_layers)
+        self.layers = candidates(model, nn.Linear, skip=[])
+        self.candidates = candidates(model, nn.Linear, skip=spec.skip_layers)
         if not self.candidates:
             raise StepError(
                 "weight_only quantization applies to nn.Linear layers and this model has none (outside skip_layers)"
@@ -228,7 +227,7 @@ class WeightOnlyInt8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, per_channel: bool) -> WeightOnlyInt8Linear:
         with torch.no_grad():
             weight = linear.weight.detach().float()
-            q, scale = _symmetric_int8(weight, per_channel)
+            q, scale = symmetric_int8(weight, per_channel)
             bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         return cls(q, scale, bias)
 
@@ -238,156 +237,6 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
-
-
-# ---------------------------------------------------------------------------------------------
-# Fidelity guard
-
-
-@dataclass
-class _Guarded:
-    model: nn.Module
-    kept: list[str]
-    fidelity: dict[str, Any]
-    rounds: list[dict[str, Any]]
-
-
-def _guard(quantizer: _Quantizer, reference: nn.Module, inputs: torch.Tensor, spec: QuantizeStep, ctx: StepContext) -> _Guarded:
-    reference_out = predict(reference, inputs, CPU)
-    model = quantizer.build(frozenset())
-    fidelity = _fidelity(model, inputs, reference_out)
-    rounds = [{"kept_fp32": [], **fidelity}]
-    if spec.min_fidelity is None or fidelity["cosine"] >= spec.min_fidelity:
-        return _Guarded(model, [], fidelity, rounds)
-
-    sensitivity = layer_sensitivity(
-        reference,
-        quantizer.candidates,
-        inputs[:SENSITIVITY_SAMPLES],
-        quantize_inputs=quantizer.quantizes_inputs,
-        quantize_outputs=quantizer.quantizes_outputs,
-        per_channel=spec.per_channel,
-        activation_levels=_activation_levels(spec.backend),
-    )
-    ranking = sorted(quantizer.candidates, key=lambda name: sensitivity.get(name, 0.0), reverse=True)
-    for round_index in range(MAX_GUARD_ROUNDS):
-        ctx.check_canceled()
-        ctx.progress(0.5 + 0.5 * round_index / MAX_GUARD_ROUNDS, "keeping sensitive layers in fp32")
-        keep = ranking[: 2**round_index]
-        model = quantizer.build(frozenset(keep))
-        fidelity = _fidelity(model, inputs, reference_out)
-        rounds.append({"kept_fp32": keep, **fidelity})
-        if fidelity["cosine"] >= spec.min_fidelity:
-            return _Guarded(model, keep, fidelity, rounds)
-        if len(keep) == len(ranking):
-            break
-    raise StepError(
-        f"quantization could not reach min_fidelity {spec.min_fidelity}: best output cosine similarity was "
-        f"{max(r['cosine'] for r in rounds):.5f} even with up to {len(rounds[-1]['kept_fp32'])} layers kept in fp32",
-        {"min_fidelity": spec.min_fidelity, "rounds": rounds, "sensitivity": sensitivity},
-    )
-
-
-def _fidelity(model: nn.Module, inputs: torch.Tensor, reference_out: torch.Tensor) -> dict[str, Any]:
-    try:
-        out = predict(model, inputs, CPU)
-    except StepError as exc:
-        raise StepError(f"the quantized model fails to run: {exc.message}", exc.details) from exc
-    cosine = nn.functional.cosine_similarity(out.flatten(1), reference_out.flatten(1), dim=1).mean()
-    top1 = (out.argmax(1) == reference_out.argmax(1)).float().mean() if out.dim() == 2 else None
-    return {
-        "cosine": float(cosine),
-        "top1_agreement": float(top1) if top1 is not None else None,
-        "samples": int(inputs.shape[0]),
-    }
-
-
-@torch.no_grad()
-def layer_sensitivity(
-    model: nn.Module,
-    names: list[str],
-    inputs: torch.Tensor,
-    *,
-    quantize_inputs: bool,
-    quantize_outputs: bool = False,
-    per_channel: bool,
-    activation_levels: int = 256,
-) -> dict[str, float]:
-    """Noise-to-signal ratio of the model's output when only one layer at a time is int8.
-
-    One fp32 forward pass per layer: a hook swaps that layer's output for one computed from
-    fake-quantized input and weights (and a rounded output where the mode rounds outputs), so the
-    score includes how much the rest of the network amplifies that layer's error. RNN layers are
-    ranked by their weight error alone.
-    """
-    eval_mode(model)
-    reference = model(inputs)
-    power = (reference.float() ** 2).sum().clamp_min(1e-12)
-    scores: dict[str, float] = {}
-
-    def simulate(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if quantize_inputs:
-            x = _fake_quant_activation(x, activation_levels)
-        weight = _dequantize(*_symmetric_int8(module.weight.float(), per_channel)).to(module.weight.dtype)
-        if isinstance(module, nn.Linear):
-            simulated = nn.functional.linear(x, weight, module.bias)
-        else:
-            simulated = module._conv_forward(x, weight, module.bias)
-        if quantize_outputs:
-            simulated = _fake_quant_activation(simulated, activation_levels)
-        return simulated
-
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, (nn.Linear, *CONV_LAYERS)):
-            handle = module.register_forward_hook(simulate)
-            try:
-                out = model(inputs)
-            finally:
-                handle.remove()
-            scores[name] = float(((out.float() - reference.float()) ** 2).sum() / power)
-        else:
-            weights = [p for p_name, p in module.named_parameters() if "weight" in p_name]
-            errors = []
-            for weight in weights:
-                restored = _dequantize(*_symmetric_int8(weight.float(), per_channel=False))
-                errors.append(float(((restored - weight) ** 2).sum() / (weight**2).sum().clamp_min(1e-12)))
-            scores[name] = max(errors, default=0.0)
-    return scores
-
-
-def _symmetric_int8(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights in [-127, 127] and their scale (one per output channel, or one in all)."""
-    if per_channel:
-        max_abs = weight.abs().flatten(1).amax(dim=1)
-    else:
-        max_abs = weight.abs().amax().reshape(1)
-    scale = (max_abs / 127.0).clamp_min(1e-12)
-    shaped = scale.view(-1, *([1] * (weight.dim() - 1))) if per_channel else scale
-    q = torch.clamp(torch.round(weight / shaped), -127, 127).to(torch.int8)
-    if not per_channel:
-        scale = scale.expand(weight.shape[0]).clone()  # one scale per row keeps the dequant code uniform
-    return q, scale
-
-
-def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
-
-
-def _fake_quant_activation(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Affine per-tensor quantize/dequantize over the batch's range (what observers would pick)."""
-    low = torch.clamp(x.min(), max=0.0)
-    high = torch.clamp(x.max(), min=0.0)
-    scale = torch.clamp((high - low) / (levels - 1), min=1e-12)
-    zero_point = torch.round(-low / scale)
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, levels - 1)
-    return (q - zero_point) * scale
-
-
-def _activation_levels(backend: str) -> int:
-    # x86 / fbgemm observers use reduce_range (7-bit activations) to avoid int16 overflow in VPMADDUBSW.
-    return 128 if backend in ("x86", "fbgemm") else 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,40 +305,11 @@ def _check_layer_names(model: nn.Module, names: list[str]) -> None:
         )
 
 
-EXPORTED_HINT = (
-    "; a model loaded from a torch.export program keeps its layers as graph operations, not modules, "
-    "so use a state_dict / safetensors upload for int8, or mode='fp16' / 'bf16'"
-)
-
-
-def _candidates(model: nn.Module, *types: type, skip: list[str]) -> list[str]:
-    """Names of modules of ``types`` that are not skip_layers nor inside one.
-
-    MultiheadAttention's out_proj is left alone: the attention forward reads its `.weight` as a
-    tensor, which a swapped-in quantized Linear no longer has (torch marks it NonDynamicallyQuantizable).
-    """
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, types)
-        and not isinstance(module, NonDynamicallyQuantizableLinear)
-        and not any(name == s or name.startswith(s + ".") for s in skip)
-    ]
-
-
 def _static_qconfig(spec: QuantizeStep) -> QConfig:
     qconfig = get_default_qconfig(spec.backend)
     if spec.per_channel:
         return qconfig
     return QConfig(activation=qconfig.activation, weight=default_weight_observer)
-
-
-def _calibration_data(ctx: StepContext) -> tuple[TensorData, str]:
-    if ctx.train is not None and len(ctx.train) > 0:
-        return ctx.train, "train"
-    if ctx.eval is not None and len(ctx.eval) > 0:
-        return ctx.eval, "eval"
-    raise StepError("static quantization needs calibration data; the job has no dataset (use mode='dynamic')")
 
 
 def _fidelity_inputs(ctx: StepContext) -> tuple[torch.Tensor, str]:
