@@ -6,7 +6,8 @@ Run:  python bench/engine_vs_peers.py            # ~5-8 min on 2 idle cores (PT2
 
 Per model, every variant is built first and then all are timed in one loop at batch 1 (warm-up,
 then one call of each variant per repetition, median of N), so every ratio is measured side by side:
-  static int8   ModelPress quantize(mode="static")  vs  torch.ao FX prepare_fx/convert_fx ("x86")
+  static int8   ModelPress quantize(mode="static") with runtime "auto" (its pick is shown) and "fx"
+                vs  torch.ao FX prepare_fx/convert_fx ("x86")  vs  ONNX Runtime quantize_static (QDQ, per-channel)
                 vs  PT2E (torchao X86InductorQuantizer) + torch.compile  [CNNs]
   dynamic int8  ModelPress quantize(mode="dynamic")  vs  torch.ao quantize_dynamic({nn.Linear})
   structured    ModelPress prune(structured, l1, 0.5)  vs  torch-pruning MetaPruner(MagnitudeImportance(p=1),
@@ -169,10 +170,36 @@ def _timed(label: str, group: str, build: Callable[[], Any], **kwargs: Any) -> V
     return Variant(label, group, built, time.perf_counter() - began, info=info, **kwargs)
 
 
-def mp_quantize(case: Case, mode: str, workdir: Path, calibration_batches: int) -> tuple[nn.Module, dict]:
-    spec = QuantizeStep(mode=mode, calibration_batches=calibration_batches)
+def mp_quantize(case: Case, mode: str, workdir: Path, calibration_batches: int, runtime: str = "auto") -> tuple[nn.Module, dict]:
+    spec = QuantizeStep(mode=mode, calibration_batches=calibration_batches, runtime=runtime)
     outcome = quantize(case.model, spec, _context(case, workdir))
-    return outcome.model, {"layers_fp32": len(outcome.details["layers_fp32"])}
+    return outcome.model, {"layers_fp32": len(outcome.details["layers_fp32"]), "runtime": outcome.details.get("runtime")}
+
+
+def ort_static(case: Case, workdir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the ONNX Runtime docs show: export, quantize_static (QDQ, per-channel, u8/s8), run a session."""
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from worker.engine.onnx_export import write_onnx
+
+    fp32, int8 = workdir / "peer-fp32.onnx", workdir / "peer-int8.onnx"
+    write_onnx(copy.deepcopy(case.model).eval(), case.example, fp32)
+
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter(case.calibration[i : i + 32] for i in range(0, len(case.calibration), 32))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch.numpy()}
+
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
 def fx_static(case: Case) -> nn.Module:
@@ -253,8 +280,10 @@ def build_variants(case: Case, args: argparse.Namespace, workdir: Path) -> list[
     variants.append(Variant("fp32 twin", "control", copy.deepcopy(case.model), 0.0))
     batches = max(1, len(case.calibration) // 32)
     if not case.transformer:
-        variants.append(_timed("ModelPress static", "static", lambda: mp_quantize(case, "static", workdir, batches)))
+        variants.append(_timed("ModelPress static (auto)", "static", lambda: mp_quantize(case, "static", workdir, batches)))
+        variants.append(_timed("ModelPress static (fx)", "static", lambda: mp_quantize(case, "static", workdir, batches, "fx")))
         variants.append(_timed("FX prepare/convert", "static", lambda: fx_static(case)))
+        variants.append(_timed("ONNX Runtime QDQ", "static", lambda: ort_static(case, workdir)))
         if args.pt2e:
             variants.append(_timed("PT2E + compile", "static", lambda: pt2e_static(case), batch1_only=True))
     if case.transformer:  # in a CNN dynamic int8 touches only the classifier Linear
@@ -312,8 +341,9 @@ def rows_for(case: Case, variants: list[Variant], timing: dict[str, dict[str, fl
                 round(variant.build_s, 1), row_status if variant.error else "; ".join(info.get("notes") or []) or "ok",
             ])
         else:
+            label = variant.label + (f" → {variant.info['runtime']}" if variant.info.get("runtime") and "auto" in variant.label else "")
             tables[variant.group].append([
-                case.name, variant.label, p50, base, speedup, speedup_p10, variant.info.get("cosine"),
+                case.name, label, p50, base, speedup, speedup_p10, variant.info.get("cosine"),
                 variant.info.get("top1_agreement"), round(variant.build_s, 1), row_status,
             ])
     for group, rows in tables.items():

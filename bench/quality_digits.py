@@ -11,7 +11,7 @@ What it does, per model (resnet18, mobilenet_v2; num_classes=10):
   3. builds the sources with worker.engine.inspect_model / inspect_dataset and runs the worker's
      function, worker.engine.run_pipeline, on three jobs:
        chain:  prune (structured, l1, target_macs_reduction) -> benchmark -> finetune -> benchmark
-               -> quantize (static int8) -> benchmark
+               -> quantize (static int8, runtime auto: the fastest of FX / ONNX Runtime / PT2E) -> benchmark
        int8:   quantize (static int8) -> benchmark               (int8 alone, for attribution)
        kd:     distill (into a smaller torchvision student) -> benchmark
   4. prints one table per model, every number read from the pipeline's report.json: top-1 on the
@@ -118,8 +118,10 @@ def rows_from(reports: dict[str, dict[str, Any]]) -> tuple[list[list[Any]], dict
             after = step["after"]
             macs = after.get("macs")
             note = ""
-            if macs is None and step["kind"] == "quantize":
-                macs, note = last_macs, "MACs of the fp32 graph it was made from"
+            if step["kind"] == "quantize":
+                note = f"int8 runtime: {step['details'].get('runtime', 'fx')}"
+                if macs is None:
+                    macs, note = last_macs, note + "; MACs of the fp32 graph it was made from"
             last_macs = after.get("macs") or last_macs
             trail.append(labels[step["kind"]] if step["kind"] != "distill" else f"KD -> {step['spec']['student']}")
             bench = steps[index + 1] if index + 1 < len(steps) and steps[index + 1]["kind"] == "benchmark" else None

@@ -1,4 +1,5 @@
-"""Structured pruning: physically smaller models that still run and rebuild from safetensors + structure.json."""
+"""Structured pruning: physically smaller models that still run and rebuild from safetensors + structure.json
+(and, across architectures, then quantize to int8 on ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import torch
 import torchvision
 from safetensors.torch import load, save
 
-from jobspec.steps import PipelineSpec, PruneStep
+from jobspec.steps import PipelineSpec, PruneStep, QuantizeStep
 from worker.engine import PipelineHooks, StepError, inspect_model, run_pipeline
-from worker.engine.export import describe_structure
+from worker.engine.export import atomic_write, describe_structure
 from worker.engine.metrics import count_macs
 from worker.engine.modelio import load_artifacts, rebuild_model
 from worker.engine.prune import prune
+from worker.engine.quantize import quantize
+from worker.engine.runtimes import OnnxRuntimeModel
 from worker.engine.types import TensorData
 
 slow = pytest.mark.slow
@@ -59,6 +62,18 @@ def test_structured_pruning_across_architectures(name, kwargs, side, make_ctx):
         assert torch.allclose(rebuilt(ctx.example_input), expected, atol=1e-4)
     if name.startswith(("vit", "swin")):
         assert "MLP hidden" in outcome.details["notes"][0]
+
+    # Then static int8 on ONNX Runtime: real int8 weights, runs, and its file reloads in a fresh session.
+    calibration = TensorData(torch.randn(16, 3, side, side), None, [])
+    int8 = quantize(pruned, QuantizeStep(mode="static", runtime="onnxruntime", calibration_batches=1),
+                    make_ctx(pruned, shape=(3, side, side), train=calibration)).model
+    assert isinstance(int8, OnnxRuntimeModel)
+    assert any(t.dtype == torch.int8 and t.ndim >= 2 for t in int8.weight_tensors().values())
+    assert int8(ctx.example_input).shape == (1, 10)
+    assert sum(t.numel() * t.element_size() for t in int8.weight_tensors().values()) < sum(
+        p.numel() * p.element_size() for p in pruned.parameters()) / 2
+    written = int8.write_artifacts(ctx.workdir, ctx.example_input, int8(ctx.example_input), atomic_write)
+    assert written["verified"], written
 
 
 def test_shufflenet_is_refused_with_a_reason(make_ctx):

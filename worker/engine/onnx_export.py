@@ -15,6 +15,7 @@ OPSET = 18
 
 def write_onnx(model: nn.Module, example: torch.Tensor, target: Path) -> None:
     """Export ``model`` to ``target`` with a dynamic batch; the graph's input is named "input"."""
+    example = example[:1].expand(2, *example.shape[1:]).contiguous()  # a batch of 1 gets specialized
     # The exporter reports progress on stdout; keep worker logs clean.
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(
