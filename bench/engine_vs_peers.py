@@ -198,6 +198,7 @@ def ort_static(case: Case, workdir: Path) -> Callable[[torch.Tensor], torch.Tens
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning slows the variants timed next
     session = onnxruntime.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 

@@ -51,6 +51,10 @@ def test_onnxruntime_static_int8_runs_int8_kernels(resnet):
     assert details["size_ratio"] > 3.5 and len(details["layers_quantized"]) == 21
     assert [row["runtime"] for row in details["runtime_candidates"]] == ["onnxruntime"]
     assert copy.deepcopy(quantized)(evaluation.inputs[:3]).shape == (3, 10)  # sessions are rebuilt, not copied
+    # Idle ORT threads must not spin: they would slow the PyTorch model timed right after (inflated speedups).
+    options = quantized._session().get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == torch.get_num_threads()
 
 
 def test_onnxruntime_guard_keeps_layers_fp32_by_node(resnet):

@@ -30,6 +30,7 @@ model.load_state_dict(load_file("model.safetensors"))'''
 _LOAD_INT8_ONNX = '''import onnxruntime
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = torch.get_num_threads()  # the same thread count as PyTorch
+options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the job timed it
 session = onnxruntime.InferenceSession("model.int8.onnx", options, providers=["CPUExecutionProvider"])
 input_name = session.get_inputs()[0].name
 
