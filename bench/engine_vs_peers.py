@@ -53,27 +53,13 @@ from jobspec.steps import PruneStep, QuantizeStep  # noqa: E402
 from worker.engine.prune import prune  # noqa: E402
 from worker.engine.quantize import quantize  # noqa: E402
 from worker.engine.types import StepContext, TensorData  # noqa: E402
+from tests.engine.minilm_data import SentenceEncoder  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-class SentenceEncoder(nn.Module):
-    """BERT + mean pooling over real tokens (all-MiniLM-L6-v2's embedding, before normalisation),
-    taking only token ids so it fits the engine's one-tensor-in, one-tensor-out contract."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = (input_ids != 0).to(torch.int64)  # pad id 0
-        hidden = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclass
