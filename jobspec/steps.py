@@ -15,13 +15,22 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_PRUNE_AMOUNT = 0.5
+
+
 class PruneStep(_Spec):
     """Remove weights (unstructured) or whole channels / neurons / heads (structured)."""
 
     kind: Literal["prune"] = "prune"
     method: Literal["unstructured", "structured"] = "unstructured"
     criterion: Literal["l1", "l2", "random", "taylor", "activation", "bn_scale", "fpgm"] = "l1"
-    amount: Fraction = Field(0.5, description="Fraction of weights (unstructured) or channels (structured) to remove.")
+    amount: Fraction | None = Field(
+        None,
+        description=(
+            "Fraction of weights (unstructured) or channels / neurons (structured) to remove. Default 0.5; "
+            "when head_amount is the only thing asked for, no channels are removed."
+        ),
+    )
     layer_amounts: dict[LayerName, Fraction] = Field(
         default_factory=dict,
         description="Per-layer ratios, e.g. {'conv1': 0.2, 'layer1.0.conv1': 0.3}; overrides `amount` for those layers.",
@@ -50,6 +59,15 @@ class PruneStep(_Spec):
         if self.method == "unstructured" and self.head_amount is not None:
             raise ValueError("head_amount needs method 'structured'")
         return self
+
+    @property
+    def effective_amount(self) -> float | None:
+        """The channel / weight ratio to apply; None when only attention heads are to be removed."""
+        if self.amount is not None:
+            return self.amount
+        if self.head_amount is not None and not self.layer_amounts and self.target_macs_reduction is None:
+            return None
+        return DEFAULT_PRUNE_AMOUNT
 
     @property
     def needs_data(self) -> bool:

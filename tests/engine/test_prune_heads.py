@@ -111,6 +111,20 @@ def test_vit_heads_pruned_smaller_and_rebuilt_from_artifacts(make_ctx, tmp_path,
         assert torch.allclose(rebuilt(x), expected, atol=1e-5)
 
 
+def test_head_amount_alone_removes_heads_only(make_ctx):
+    model = _tiny_vit()
+    spec = PruneStep(method="structured", head_amount=0.5)
+    assert spec.amount is None and spec.effective_amount is None
+    outcome = prune(model, spec, make_ctx(model))
+    pruned = outcome.model
+    assert all(block.mlp[0].out_features == 128 for block in pruned.encoder.layers)  # MLPs untouched
+    assert {layer["after"] for layer in outcome.details["attention_heads"]["heads"].values()} == {2}
+    assert outcome.details["layer_channels"] == {} and outcome.details["rounds"] == 0
+    # Any channel request brings back the default ratio for the MLP neurons.
+    assert PruneStep(method="structured").effective_amount == 0.5
+    assert PruneStep(method="structured", head_amount=0.5, target_macs_reduction=2.0).effective_amount == 0.5
+
+
 def test_amount_rounds_down_and_keeps_a_head():
     model = _tiny_vit()
     details = prune_heads(model, 0.2, "l1")  # 0.2 * 4 heads < 1: nothing to remove

@@ -80,3 +80,38 @@ def test_bad_upload_through_real_worker_is_422(stack):
         )
         assert response.status_code == 422, response.text
         assert client.get("/v1/models").json()["items"] == []
+
+
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)
+def test_static_int8_runtimes_are_timed_inside_a_real_worker(stack):
+    """runtime=auto builds FX, ONNX Runtime and PT2E (torch.compile inside a Celery worker process),
+    times them there and ships the chosen runtime's own file."""
+    with stack.client() as client:
+        model = client.post(
+            "/v1/models",
+            files={"file": ("squeezenet.safetensors", factories.safetensors_bytes("squeezenet1_1"))},
+            data={"architecture": "squeezenet1_1", "arch_kwargs": '{"num_classes": 10}'},
+        )
+        assert model.status_code == 201, model.text + stack.log()
+        dataset = client.post("/v1/datasets", files={"file": ("digits.npz", factories.digits_npz(64))})
+        assert dataset.status_code == 201, dataset.text
+        spec = {
+            "model_id": model.json()["id"],
+            "dataset_id": dataset.json()["id"],
+            "steps": [
+                {"kind": "quantize", "mode": "static", "calibration_batches": 1},
+                {"kind": "benchmark", "repetitions": 3, "warmup": 1},
+            ],
+        }
+        submitted = client.post("/v1/jobs", json=spec)
+        assert submitted.status_code == 202, submitted.text
+        job = wait_for(client, submitted.json()["id"], {"succeeded", "failed", "canceled"})
+        assert job["status"] == "succeeded", f"{job}\n{stack.log()}"
+
+        details = client.get(f"/v1/jobs/{job['id']}/report").json()["steps"][0]["details"]
+        rows = {row["runtime"]: row for row in details["runtime_candidates"]}
+        assert set(rows) == {"fx", "onnxruntime", "pt2e"}
+        assert all(row["available"] and row["p50_ms"] > 0 for row in rows.values()), rows
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+        expected = {"fx": "model.torchscript.pt", "onnxruntime": "model.int8.onnx", "pt2e": "model.int8.pt2"}
+        assert expected[details["runtime"]] in names, (details["runtime"], names)

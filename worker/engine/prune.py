@@ -96,11 +96,11 @@ def _prune_unstructured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> 
     if spec.scope == "global" and shared:
         weights = [every_layer[name][1] for name in shared]
         total = sum(int(w.numel()) for w in weights)
-        _zero_lowest(weights, [_scores(w, spec.criterion, generator) for w in weights], round(spec.amount * total))
+        _zero_lowest(weights, [_scores(w, spec.criterion, generator) for w in weights], round(spec.effective_amount * total))
     else:
         for index, name in enumerate(shared):
             weight = every_layer[name][1]
-            _zero_lowest([weight], [_scores(weight, spec.criterion, generator)], round(spec.amount * weight.numel()))
+            _zero_lowest([weight], [_scores(weight, spec.criterion, generator)], round(spec.effective_amount * weight.numel()))
             ctx.progress((index + 1) / len(shared), f"pruned {name}")
             ctx.check_canceled()
 

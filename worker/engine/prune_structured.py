@@ -107,6 +107,62 @@ def _channels(model: nn.Module) -> dict[str, int]:
     }
 
 
+def _prune_channels(
+    model: nn.Module,
+    spec: PruneStep,
+    ctx: StepContext,
+    example: torch.Tensor,
+    ignored_modules: list[nn.Module],
+    ratio_dict: dict[nn.Module, float],
+    base_macs: int | None,
+    calibration_data: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> int:
+    """torch-pruning's pass over channels / neurons; returns the rounds it took."""
+    import torch_pruning as tp
+
+    calibration, labels = calibration_data
+    target = spec.target_macs_reduction
+    importance = _importance(spec.criterion)
+    steps = _MAC_SEARCH_ROUNDS if target else spec.iterative_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning warns about unwrapped parameters it handles
+        try:
+            pruner = tp.pruner.BasePruner(
+                model,
+                example,
+                importance=importance,
+                global_pruning=spec.scope == "global",
+                pruning_ratio=_MAC_SEARCH_MAX_RATIO if target else (spec.effective_amount or 0.0),
+                pruning_ratio_dict=ratio_dict or None,
+                iterative_steps=steps,
+                ignored_layers=ignored_modules,
+            )
+        except Exception as exc:  # torch-pruning's tracer fails on some control flow
+            shuffle = any("shuffle" in type(m).__name__.lower() for m in model.modules())
+            hint = " (channel split / shuffle is not supported by torch-pruning)" if shuffle or "ShuffleNet" in type(model).__name__ else ""
+            raise StepError(
+                f"structured pruning cannot trace this model{hint}: {type(exc).__name__}: {str(exc)[:200]}; "
+                "use method 'unstructured' instead",
+                {"criterion": spec.criterion},
+            ) from exc
+        rounds = 0
+        for rounds in range(1, steps + 1):
+            if spec.criterion == "taylor":
+                _collect_gradients(model, ctx, calibration, labels)
+            if spec.criterion == "activation":
+                with importance.compute_importance(model), torch.no_grad():
+                    call_model(model, calibration.to(ctx.device))
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+            ctx.progress(rounds / steps, f"pruning round {rounds}")
+            ctx.check_canceled()
+            if target:
+                macs, _ = count_macs(model, example)
+                if macs is None or base_macs is None or base_macs / max(macs, 1) >= target:
+                    break
+    return rounds
+
+
 def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> StepOutcome:
     """Remove channels (convs) / neurons (linears) by the chosen importance criterion."""
     import torch_pruning as tp
@@ -193,47 +249,11 @@ def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> Ste
     ignored_modules = [layers[name] for name in ignored if name in layers]
     # torch-pruning must not resize attention: heads are pruned above, by prune_heads.
     ignored_modules += [m for m in model.modules() if isinstance(m, (nn.MultiheadAttention, HeadPrunedAttention))]
-    importance = _importance(spec.criterion)
     target = spec.target_macs_reduction
-    steps = _MAC_SEARCH_ROUNDS if target else spec.iterative_steps
     ratio_dict = {layers[name]: ratio for name, ratio in spec.layer_amounts.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch-pruning warns about unwrapped parameters it handles
-        try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                example,
-                importance=importance,
-                global_pruning=spec.scope == "global",
-                pruning_ratio=_MAC_SEARCH_MAX_RATIO if target else spec.amount,
-                pruning_ratio_dict=ratio_dict or None,
-                iterative_steps=steps,
-                ignored_layers=ignored_modules,
-            )
-        except Exception as exc:  # torch-pruning's tracer fails on some control flow
-            shuffle = any("shuffle" in type(m).__name__.lower() for m in model.modules())
-            hint = " (channel split / shuffle is not supported by torch-pruning)" if shuffle or "ShuffleNet" in type(model).__name__ else ""
-            raise StepError(
-                f"structured pruning cannot trace this model{hint}: {type(exc).__name__}: {str(exc)[:200]}; "
-                "use method 'unstructured' instead",
-                {"criterion": spec.criterion},
-            ) from exc
-        macs = base_macs
-        rounds = 0
-        for rounds in range(1, steps + 1):
-            if spec.criterion == "taylor":
-                _collect_gradients(model, ctx, calibration, labels)
-            if spec.criterion == "activation":
-                with importance.compute_importance(model), torch.no_grad():
-                    call_model(model, calibration.to(ctx.device))
-            pruner.step()
-            model.zero_grad(set_to_none=True)
-            ctx.progress(rounds / steps, f"pruning round {rounds}")
-            ctx.check_canceled()
-            if target:
-                macs, _ = count_macs(model, example)
-                if macs is None or base_macs is None or base_macs / max(macs, 1) >= target:
-                    break
+    rounds = 0
+    if spec.effective_amount is not None or ratio_dict or target:  # else: heads only
+        rounds = _prune_channels(model, spec, ctx, example, ignored_modules, ratio_dict, base_macs, (calibration, labels))
     for module in model.modules():  # ActivationImportance leaves per-layer scores behind
         module.__dict__.pop("_importance", None)
     set_eval(model)
