@@ -22,29 +22,31 @@ def wait_for(client, job_id: str, statuses: set[str], timeout: float = 300) -> d
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
 
 
+def run_squeezenet_job(client, stack, steps: list[dict], samples: int) -> dict:
+    """Upload a SqueezeNet and digits, run ``steps`` on them, and return the succeeded job."""
+    model = client.post(
+        "/v1/models",
+        files={"file": ("squeezenet.safetensors", factories.safetensors_bytes("squeezenet1_1"))},
+        data={"architecture": "squeezenet1_1", "arch_kwargs": '{"num_classes": 10}'},
+    )
+    assert model.status_code == 201, model.text + stack.log()
+    dataset = client.post("/v1/datasets", files={"file": ("digits.npz", factories.digits_npz(samples))})
+    assert dataset.status_code == 201, dataset.text
+    spec = {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "steps": steps}
+    submitted = client.post("/v1/jobs", json=spec)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"], {"succeeded", "failed", "canceled"})
+    assert job["status"] == "succeeded", f"{job}\n{stack.log()}"
+    return job
+
+
 def test_upload_job_poll_download(stack):
     with stack.client() as client:
-        model = client.post(
-            "/v1/models",
-            files={"file": ("squeezenet.safetensors", factories.safetensors_bytes("squeezenet1_1"))},
-            data={"architecture": "squeezenet1_1", "arch_kwargs": '{"num_classes": 10}'},
-        )
-        assert model.status_code == 201, model.text + stack.log()
-        dataset = client.post("/v1/datasets", files={"file": ("digits.npz", factories.digits_npz(120))})
-        assert dataset.status_code == 201, dataset.text
-
-        spec = {
-            "model_id": model.json()["id"],
-            "dataset_id": dataset.json()["id"],
-            "steps": [
-                {"kind": "prune", "method": "unstructured", "amount": 0.5},
-                {"kind": "benchmark", "repetitions": 5, "warmup": 1},
-            ],
-        }
-        submitted = client.post("/v1/jobs", json=spec)
-        assert submitted.status_code == 202, submitted.text
-        job = wait_for(client, submitted.json()["id"], {"succeeded", "failed", "canceled"})
-        assert job["status"] == "succeeded", f"{job}\n{stack.log()}"
+        steps = [
+            {"kind": "prune", "method": "unstructured", "amount": 0.5},
+            {"kind": "benchmark", "repetitions": 5, "warmup": 1},
+        ]
+        job = run_squeezenet_job(client, stack, steps, samples=120)
         assert job["attempts"] == 1
 
         report = client.get(f"/v1/jobs/{job['id']}/report").json()
@@ -87,26 +89,11 @@ def test_static_int8_runtimes_are_timed_inside_a_real_worker(stack):
     """runtime=auto builds FX, ONNX Runtime and PT2E (torch.compile inside a Celery worker process),
     times them there and ships the chosen runtime's own file."""
     with stack.client() as client:
-        model = client.post(
-            "/v1/models",
-            files={"file": ("squeezenet.safetensors", factories.safetensors_bytes("squeezenet1_1"))},
-            data={"architecture": "squeezenet1_1", "arch_kwargs": '{"num_classes": 10}'},
-        )
-        assert model.status_code == 201, model.text + stack.log()
-        dataset = client.post("/v1/datasets", files={"file": ("digits.npz", factories.digits_npz(64))})
-        assert dataset.status_code == 201, dataset.text
-        spec = {
-            "model_id": model.json()["id"],
-            "dataset_id": dataset.json()["id"],
-            "steps": [
-                {"kind": "quantize", "mode": "static", "calibration_batches": 1},
-                {"kind": "benchmark", "repetitions": 3, "warmup": 1},
-            ],
-        }
-        submitted = client.post("/v1/jobs", json=spec)
-        assert submitted.status_code == 202, submitted.text
-        job = wait_for(client, submitted.json()["id"], {"succeeded", "failed", "canceled"})
-        assert job["status"] == "succeeded", f"{job}\n{stack.log()}"
+        steps = [
+            {"kind": "quantize", "mode": "static", "calibration_batches": 1},
+            {"kind": "benchmark", "repetitions": 3, "warmup": 1},
+        ]
+        job = run_squeezenet_job(client, stack, steps, samples=64)
 
         details = client.get(f"/v1/jobs/{job['id']}/report").json()["steps"][0]["details"]
         rows = {row["runtime"]: row for row in details["runtime_candidates"]}

@@ -165,8 +165,6 @@ def _prune_channels(
 
 def prune_structured(model: nn.Module, spec: PruneStep, ctx: StepContext) -> StepOutcome:
     """Remove channels (convs) / neurons (linears) by the chosen importance criterion."""
-    import torch_pruning as tp
-
     if is_exported(model):
         raise StepError(
             "structured pruning needs the model's nn.Conv / nn.Linear layers, which an exported (.pt2) "
