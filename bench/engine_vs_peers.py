@@ -9,7 +9,7 @@ then one call of each variant per repetition, median of N), so every ratio is me
   static int8   ModelPress quantize(mode="static") with runtime "auto" (its pick is shown) and "fx"
                 vs  torch.ao FX prepare_fx/convert_fx ("x86")  vs  ONNX Runtime quantize_static (QDQ, per-channel)
                 vs  PT2E (torchao X86InductorQuantizer) + torch.compile  [CNNs]
-  dynamic int8  ModelPress quantize(mode="dynamic")  vs  torch.ao quantize_dynamic({nn.Linear})
+  dynamic int8  ModelPress quantize(mode="dynamic"), runtime "auto" and "fx"  vs  torch.ao quantize_dynamic({nn.Linear})
   structured    ModelPress prune(structured, l1, 0.5)  vs  torch-pruning MetaPruner(MagnitudeImportance(p=1),
                 0.5, classifier ignored) (transformers: MLP hidden layers only on both sides)
 Models: resnet18 and mobilenet_v2 (3x224x224), a small torchvision VisionTransformer (3x64x64,
@@ -263,7 +263,8 @@ def build_variants(case: Case, args: argparse.Namespace, workdir: Path) -> list[
         if args.pt2e:
             variants.append(_timed("PT2E + compile", "static", lambda: pt2e_static(case), batch1_only=True))
     if case.transformer:  # in a CNN dynamic int8 touches only the classifier Linear
-        variants.append(_timed("ModelPress dynamic", "dynamic", lambda: mp_quantize(case, "dynamic", workdir, batches)))
+        variants.append(_timed("ModelPress dynamic (auto)", "dynamic", lambda: mp_quantize(case, "dynamic", workdir, batches)))
+        variants.append(_timed("ModelPress dynamic (fx)", "dynamic", lambda: mp_quantize(case, "dynamic", workdir, batches, "fx")))
         variants.append(_timed("quantize_dynamic", "dynamic", lambda: fx_dynamic(case)))
     variants.append(_timed("ModelPress prune", "prune", lambda: mp_prune(case, workdir)))
     variants.append(_timed("torch-pruning", "prune", lambda: tp_prune(case)))

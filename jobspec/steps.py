@@ -132,17 +132,18 @@ class QuantizeStep(_Spec):
     runtime: Literal["auto", "fx", "onnxruntime", "pt2e"] = Field(
         "auto",
         description=(
-            "Static int8: which int8 runtime runs the result. fx: PyTorch eager int8 kernels (TorchScript artifact); "
-            "onnxruntime: ONNX Runtime QDQ graph (int8 .onnx artifact); pt2e: torchao PT2E + torch.compile "
-            "(int8 .pt2 artifact, compile it to run fast); auto: build each available one, time them side by side "
-            "and keep the fastest that meets min_fidelity."
+            "Static / dynamic int8: which runtime runs the result. fx: PyTorch eager int8 kernels (TorchScript "
+            "artifact); onnxruntime: ONNX Runtime int8 graph (model.int8.onnx); pt2e (static only): torchao PT2E + "
+            "torch.compile (model.int8.pt2, compile it to run fast); auto: build each available one, time them side "
+            "by side and keep the fastest that meets min_fidelity."
         ),
     )
 
     @model_validator(mode="after")
     def _runtime_fits_mode(self) -> QuantizeStep:
-        if self.runtime not in ("auto", "fx") and self.mode != "static":
-            raise ValueError(f"runtime {self.runtime!r} applies to mode 'static' only")
+        allowed = {"static": ("auto", "fx", "onnxruntime", "pt2e"), "dynamic": ("auto", "fx", "onnxruntime")}
+        if self.runtime not in allowed.get(self.mode, ("auto",)):
+            raise ValueError(f"runtime {self.runtime!r} does not apply to mode {self.mode!r}")
         return self
 
     @property

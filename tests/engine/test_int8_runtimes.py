@@ -128,8 +128,10 @@ def test_named_runtime_failure_is_the_step_error(resnet, monkeypatch):
 
 
 def test_runtime_needs_static_mode():
-    with pytest.raises(ValueError, match="applies to mode 'static' only"):
-        QuantizeStep(mode="dynamic", runtime="onnxruntime")
+    with pytest.raises(ValueError, match="does not apply to mode 'dynamic'"):
+        QuantizeStep(mode="dynamic", runtime="pt2e")
+    with pytest.raises(ValueError, match="does not apply to mode 'fp16'"):
+        QuantizeStep(mode="fp16", runtime="onnxruntime")
     assert QuantizeStep.model_validate(QuantizeStep(mode="static", runtime="pt2e").model_dump()).runtime == "pt2e"
 
 

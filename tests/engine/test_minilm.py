@@ -32,7 +32,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_dynamic_int8_meets_the_fidelity_floor_on_minilm():
     model, data = minilm()
-    outcome = quantize(model, QuantizeStep(mode="dynamic", min_fidelity=0.99), _context(model, data))
+    outcome = quantize(model, QuantizeStep(mode="dynamic", runtime="fx", min_fidelity=0.99), _context(model, data))
 
     details = outcome.details
     assert details["fidelity"]["cosine"] >= 0.99
@@ -43,6 +43,25 @@ def test_dynamic_int8_meets_the_fidelity_floor_on_minilm():
         assert _cosine(outcome.model(data.inputs), model(data.inputs)) >= 0.99
     kinds = {type(m).__name__ for m in outcome.model.modules()}
     assert "Linear" in kinds and any("Dynamic" in type(m).__module__ or "dynamic" in type(m).__module__ for m in outcome.model.modules())
+
+
+def test_dynamic_int8_auto_times_pytorch_and_onnxruntime_on_minilm():
+    model, data = minilm()
+    outcome = quantize(model, QuantizeStep(mode="dynamic", min_fidelity=0.99), _context(model, data))
+
+    details = outcome.details
+    rows = {row["runtime"]: row for row in details["runtime_candidates"]}
+    assert set(rows) == {"fx", "onnxruntime"}
+    assert all(row["available"] and row["p50_ms"] > 0 and row["cosine"] >= 0.99 for row in rows.values()), rows
+    chosen = min(rows.values(), key=lambda row: row["p50_ms"])
+    assert chosen["chosen"] and details["runtime"] == chosen["runtime"]
+    with torch.no_grad():  # token ids reach ONNX Runtime as int64
+        assert _cosine(outcome.model(data.inputs), model(data.inputs)) >= 0.99
+    if details["runtime"] == "onnxruntime":
+        import onnx
+
+        graph = onnx.load_from_string(outcome.model.graph_bytes()).graph
+        assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.node)
 
 
 def test_attention_heads_and_mlp_neurons_are_removed_from_minilm():

@@ -47,7 +47,7 @@ def test_distilled_student_is_exported_as_the_student(tmp_path, save_safetensors
 
 
 def test_dynamic_quantization_keeps_the_parameter_count(tmp_path, save_safetensors, no_onnx):
-    spec = PipelineSpec.model_validate({"input_shape": [3, 32, 32], "steps": [{"kind": "quantize", "mode": "dynamic"}]})
+    spec = PipelineSpec.model_validate({"input_shape": [3, 32, 32], "steps": [{"kind": "quantize", "mode": "dynamic", "runtime": "fx"}]})
     source = _source(tmp_path, save_safetensors, "mobilenet_v3_small")
     report = run_pipeline(source, spec, None, tmp_path / "out", PipelineHooks()).report
     assert report["final"]["params"] == report["original"]["params"]
@@ -78,7 +78,7 @@ def test_dynamic_int8_leaves_attention_out_projection_alone():
                                                   hidden_dim=32, mlp_dim=64, num_classes=10).eval()
     ctx = StepContext(original=model, example_input=torch.randn(1, 3, 32, 32), device=torch.device("cpu"),
                       workdir=Path("."))
-    quantized = quantize(model, QuantizeStep(mode="dynamic"), ctx).model
+    quantized = quantize(model, QuantizeStep(mode="dynamic", runtime="fx"), ctx).model
     out = quantized(torch.randn(4, 3, 32, 32))
     assert out.shape == (4, 10)
     kinds = {type(m).__name__ for m in quantized.modules()}

@@ -47,7 +47,7 @@ def _assert_traces(model: nn.Module, inputs: torch.Tensor) -> None:
 def test_dynamic_int8_of_an_mlp_uses_quantized_linear_kernels():
     train, evaluation = digits()
     model = trained_mlp()
-    outcome = quantize(model, QuantizeStep(mode="dynamic", skip_layers=["fc3"]), make_context(model, train, evaluation))
+    outcome = quantize(model, QuantizeStep(mode="dynamic", runtime="fx", skip_layers=["fc3"]), make_context(model, train, evaluation))
 
     quantized = outcome.model
     assert isinstance(quantized.fc1, torch.ao.nn.quantized.dynamic.Linear)

@@ -62,18 +62,16 @@ def quantize(model: nn.Module, spec: QuantizeStep, ctx: StepContext) -> StepOutc
     reference = eval_mode(copy.deepcopy(model).to(CPU))
     inputs, source = _fidelity_inputs(ctx)
     extra: dict[str, Any] = {}
-    if spec.mode == "static":
-        from .quantize_runtimes import quantize_static
+    if spec.mode in ("static", "dynamic"):
+        from .quantize_runtimes import quantize_on_runtimes
 
-        quantizer, guarded, extra = quantize_static(reference, spec, ctx, inputs, lambda: _Static(reference, spec, ctx))
-    else:
-        if spec.mode == "dynamic":
-            quantizer = _Dynamic(reference, spec)
-        elif spec.mode == "weight_only":
-            quantizer = _WeightOnly(reference, spec)
-        else:
-            raise StepError(f"unknown quantization mode {spec.mode!r}")
+        eager = _Static if spec.mode == "static" else _Dynamic
+        quantizer, guarded, extra = quantize_on_runtimes(reference, spec, ctx, inputs, lambda: eager(reference, spec, ctx))
+    elif spec.mode == "weight_only":
+        quantizer = _WeightOnly(reference, spec)
         guarded = guard(quantizer, reference, inputs, spec, ctx)
+    else:
+        raise StepError(f"unknown quantization mode {spec.mode!r}")
     details = _int8_details(quantizer, guarded, spec, reference, source)
     details.update(extra)
     ctx.progress(1.0, f"{spec.mode} quantization done")
@@ -113,7 +111,7 @@ class _EagerQuantizer(Quantizer):
 class _Dynamic(_EagerQuantizer):
     """Weights int8 ahead of time, activations quantized per batch at run time (Linear / RNNs)."""
 
-    def __init__(self, model: nn.Module, spec: QuantizeStep):
+    def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext | None = None):
         self.model = model
         self.spec = spec
         self.layers = candidates(model, nn.Linear, *RNN_LAYERS, skip=[])

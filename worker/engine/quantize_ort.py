@@ -1,8 +1,10 @@
-"""Static int8 with ONNX Runtime: export the fp32 model to ONNX, calibrate and insert QDQ pairs with
-onnxruntime.quantization, and run the graph on ONNX Runtime's int8 CPU kernels."""
+"""int8 with ONNX Runtime: export the fp32 model to ONNX, quantize the graph with
+onnxruntime.quantization (static: calibrated QDQ pairs; dynamic: int8 weights, activations
+quantized per call), and run it on ONNX Runtime's int8 CPU kernels."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import tempfile
 from pathlib import Path
@@ -13,17 +15,17 @@ from torch import nn
 
 from jobspec.steps import QuantizeStep
 
-from .quantize_guard import CONV_LAYERS, StaticRuntimeQuantizer
+from .quantize_guard import CONV_LAYERS, Quantizer, StaticRuntimeQuantizer, candidates
 from .runtimes import OnnxRuntimeModel
 from .types import StepContext, StepError
 
 _ONNX_WEIGHT_OPS = {"Conv": "conv", "Gemm": "linear", "MatMul": "linear"}
 
 
-class OrtStatic(StaticRuntimeQuantizer):
-    """Each build re-runs ORT's calibration with the layers kept in fp32 excluded by node name."""
+class _OrtGraph:
+    """The model's fp32 ONNX graph in a scratch folder, and its conv / linear layers' node names."""
 
-    def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
+    def __init__(self, model: nn.Module, ctx: StepContext):
         try:
             import onnx
             from onnxruntime import quantization  # noqa: F401
@@ -31,9 +33,9 @@ class OrtStatic(StaticRuntimeQuantizer):
             raise StepError(f"onnxruntime is not installed in this worker ({exc})") from exc
         from .onnx_export import write_onnx
 
-        super().__init__(model, spec, ctx)
         self._folder = tempfile.TemporaryDirectory(prefix="modelpress-ort-")
         self.fp32_path = Path(self._folder.name) / "fp32.onnx"
+        self.int8_path = Path(self._folder.name) / "int8.onnx"
         example = ctx.example_input.detach().to("cpu")
         try:
             write_onnx(model, example, self.fp32_path)
@@ -42,18 +44,30 @@ class OrtStatic(StaticRuntimeQuantizer):
         self.fp32_bytes = self.fp32_path.read_bytes()
         self.nodes, self.mapping_note = _layer_nodes(model, example, onnx.load(str(self.fp32_path)))
 
+    def excluded(self, layers: set[str]) -> list[str]:
+        return [self.nodes[name] for name in sorted(layers) if name in self.nodes]
+
+    def details(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"onnx_fp32_size_bytes": len(self.fp32_bytes)}
+        if self.mapping_note:
+            result["onnx_layer_mapping_note"] = self.mapping_note
+        return result
+
+
+class OrtStatic(StaticRuntimeQuantizer):
+    """Each build re-runs ORT's calibration with the layers kept in fp32 excluded by node name."""
+
+    def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
+        super().__init__(model, spec, ctx)
+        self.graph = _OrtGraph(model, ctx)
+
     def build(self, keep_fp32: frozenset[str]) -> nn.Module:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        excluded = [self.nodes[name] for name in sorted({*keep_fp32, *self.spec.skip_layers}) if name in self.nodes]
-        target = Path(self._folder.name) / "int8.onnx"
-        logger = logging.getLogger()
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # ORT logs a pre-processing suggestion on the root logger each call
-        try:
+        with _quiet_root_logger():
             quantize_static(
-                str(self.fp32_path),
-                str(target),
+                str(self.graph.fp32_path),
+                str(self.graph.int8_path),
                 _Reader(self.batches),
                 quant_format=QuantFormat.QDQ,
                 per_channel=self.spec.per_channel,
@@ -61,21 +75,60 @@ class OrtStatic(StaticRuntimeQuantizer):
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=excluded,
+                nodes_to_exclude=self.graph.excluded({*keep_fp32, *self.spec.skip_layers}),
             )
-        finally:
-            logger.setLevel(level)
-        return OnnxRuntimeModel(target.read_bytes())
+        return OnnxRuntimeModel(self.graph.int8_path.read_bytes())
 
     def details(self) -> dict[str, Any]:
-        result = {**super().details(), "onnx_fp32_size_bytes": len(self.fp32_bytes)}
-        if self.mapping_note:
-            result["onnx_layer_mapping_note"] = self.mapping_note
-        return result
+        return {**super().details(), **self.graph.details()}
 
     def fp32_model(self) -> OnnxRuntimeModel:
         """The same graph in fp32 on ONNX Runtime: separates the runtime's gain from int8's."""
-        return OnnxRuntimeModel(self.fp32_bytes)
+        return OnnxRuntimeModel(self.graph.fp32_bytes)
+
+
+class OrtDynamic(Quantizer):
+    """int8 weights for Linear layers (MatMul / Gemm nodes); activations quantized per call."""
+
+    def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
+        self.spec = spec
+        self.layers = candidates(model, nn.Linear, skip=[])
+        self.candidates = candidates(model, nn.Linear, skip=spec.skip_layers)
+        if not self.candidates:
+            raise StepError("dynamic quantization found no Linear layers to quantize (outside skip_layers)")
+        self.graph = _OrtGraph(model, ctx)
+
+    def build(self, keep_fp32: frozenset[str]) -> nn.Module:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet_root_logger():
+            quantize_dynamic(
+                str(self.graph.fp32_path),
+                str(self.graph.int8_path),
+                weight_type=QuantType.QInt8,
+                per_channel=self.spec.per_channel,
+                op_types_to_quantize=["MatMul", "Gemm"],  # ORT's dynamic convs are slower than fp32
+                nodes_to_exclude=self.graph.excluded({*keep_fp32, *self.spec.skip_layers}),
+            )
+        return OnnxRuntimeModel(self.graph.int8_path.read_bytes())
+
+    def details(self) -> dict[str, Any]:
+        return self.graph.details()
+
+    def fp32_model(self) -> OnnxRuntimeModel:
+        return OnnxRuntimeModel(self.graph.fp32_bytes)
+
+
+class _quiet_root_logger:
+    """ORT's quantizers log a pre-processing suggestion on the root logger at every call."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger()
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
 
 
 class _Reader:
@@ -86,39 +139,67 @@ class _Reader:
 
     def get_next(self) -> dict[str, Any] | None:
         batch = next(self._batches, None)
-        return None if batch is None else {"input": batch.float().numpy()}
+        return None if batch is None else {"input": batch.contiguous().numpy()}
 
     def rewind(self) -> None:  # part of ORT's reader interface; calibration reads once
         pass
 
 
 def _layer_nodes(model: nn.Module, example: torch.Tensor, graph_model: Any) -> tuple[dict[str, str], str | None]:
-    """Module name -> ONNX node name for conv / linear layers, by execution order.
+    """Module name -> ONNX node name for conv / linear layers.
 
-    The exporter folds BatchNorm into the conv and names the fused node after the BN, so names
-    cannot be matched; the order of the weight-carrying nodes follows the forward pass instead.
+    The exporter records each node's module path (`pkg.torch.onnx.name_scopes`): that names a
+    Linear's MatMul / Gemm directly. A conv with BatchNorm folded into it is named after the BN,
+    so convs fall back to execution order, when the graph's convs line up with the model's calls.
     """
-    order: list[tuple[str, str]] = []
-    hooks = []
-    for name, module in model.named_modules():
-        kind = "conv" if isinstance(module, CONV_LAYERS) else "linear" if isinstance(module, nn.Linear) else None
-        if kind:
-            hooks.append(module.register_forward_hook(lambda m, a, o, n=name, k=kind: order.append((n, k))))
+    kinds = {
+        name: "conv" if isinstance(module, CONV_LAYERS) else "linear"
+        for name, module in model.named_modules()
+        if isinstance(module, (*CONV_LAYERS, nn.Linear))
+    }
+    initializers = {init.name for init in graph_model.graph.initializer}
+    nodes = [
+        node for node in graph_model.graph.node
+        if node.op_type in _ONNX_WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers
+    ]
+    mapping: dict[str, str] = {}
+    for node in nodes:
+        scope = _innermost_layer(node, kinds)
+        if scope is not None and kinds[scope] == _ONNX_WEIGHT_OPS[node.op_type]:
+            mapping.setdefault(scope, node.name)
+    unmapped = [node for node in nodes if node.name not in mapping.values()]
+    order = [name for name in _call_order(model, example, kinds) if name not in mapping]
+    if len(unmapped) == len(order) and all(kinds[n] == _ONNX_WEIGHT_OPS[node.op_type] for n, node in zip(order, unmapped)):
+        mapping.update({name: node.name for name, node in zip(order, unmapped)})
+        return mapping, None
+    return mapping, (
+        f"{len(unmapped)} of the ONNX graph's weight layers could not be matched to the model's conv / linear "
+        "layers; those layers cannot be kept in fp32 on this runtime"
+    )
+
+
+def _innermost_layer(node: Any, kinds: dict[str, str]) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return next((scope for scope in reversed(scopes) if scope in kinds), None)
+    return None
+
+
+def _call_order(model: nn.Module, example: torch.Tensor, kinds: dict[str, str]) -> list[str]:
+    """Conv / linear module names in the order the forward pass first calls them."""
+    order: list[str] = []
+    hooks = [
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: order.append(n) if n not in order else None)
+        for name in kinds
+    ]
     try:
         with torch.no_grad():
             model(example)
     finally:
         for hook in hooks:
             hook.remove()
-    initializers = {init.name for init in graph_model.graph.initializer}
-    nodes = [
-        (node.name, _ONNX_WEIGHT_OPS[node.op_type])
-        for node in graph_model.graph.node
-        if node.op_type in _ONNX_WEIGHT_OPS and len(node.input) > 1 and node.input[1] in initializers
-    ]
-    if len(nodes) != len(order) or any(k1 != k2 for (_, k1), (_, k2) in zip(order, nodes)):
-        return {}, (
-            f"the ONNX graph's {len(nodes)} weight layers do not line up with the model's {len(order)} "
-            "conv / linear calls, so no layer can be kept in fp32 on this runtime"
-        )
-    return {name: node for (name, _), (node, _) in zip(order, nodes)}, None
+    return order

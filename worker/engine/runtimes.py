@@ -62,7 +62,7 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         session = self._session()
-        feed = {session.get_inputs()[0].name: inputs.detach().cpu().float().contiguous().numpy()}
+        feed = {session.get_inputs()[0].name: inputs.detach().cpu().contiguous().numpy()}  # ids stay int64
         return torch.from_numpy(session.run(None, feed)[0])
 
     def __deepcopy__(self, memo: dict) -> OnnxRuntimeModel:
@@ -95,7 +95,7 @@ class OnnxRuntimeModel(nn.Module):
         path = Path(workdir) / self.artifact_name
         write(path, lambda p: p.write_bytes(self.graph_bytes()))
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: example.float().numpy()})[0]
+        got = session.run(None, {session.get_inputs()[0].name: example.contiguous().numpy()})[0]
         return compare_outputs(expected, torch.from_numpy(got))
 
 
