@@ -191,3 +191,25 @@ def test_pipeline_writes_the_int8_artifact_and_it_reloads(tmp_path, runtime):
     done = subprocess.run([sys.executable, "-I", str(script)], cwd=out, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batch 1: p50" in done.stdout and "batch 4: p50" in done.stdout
+
+
+def test_an_uploaded_torch_export_program_gets_int8_on_onnxruntime(resnet, tmp_path):
+    """A .pt2 upload has no layer modules: PyTorch's int8 and PT2E say why they cannot apply, and
+    ONNX Runtime quantizes the program's graph."""
+    from worker.engine.modelio import is_exported, load_exported_artifact
+
+    model, train, evaluation = resnet
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (evaluation.inputs[:2],), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    uploaded = load_exported_artifact(tmp_path / "model.pt2")
+    assert is_exported(uploaded)
+
+    outcome = quantize(uploaded, QuantizeStep(mode="static", calibration_batches=2), make_context(uploaded, train, evaluation))
+    rows = {row["runtime"]: row for row in outcome.details["runtime_candidates"]}
+    assert outcome.details["runtime"] == "onnxruntime" and isinstance(outcome.model, OnnxRuntimeModel)
+    assert rows["fx"]["available"] is False and "torch.export program" in rows["fx"]["reason"]
+    assert rows["pt2e"]["available"] is False and "layer modules" in rows["pt2e"]["reason"]
+    assert len(outcome.details["layers_quantized"]) == 21
+    assert outcome.details["fidelity"]["cosine"] > 0.99
+    assert _agreement(model, outcome.model, evaluation.inputs) > 0.95

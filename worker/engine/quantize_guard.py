@@ -224,9 +224,21 @@ def activation_levels(backend: str) -> int:
 
 
 EXPORTED_HINT = (
-    "; a model loaded from a torch.export program keeps its layers as graph operations, not modules, "
-    "so use a state_dict / safetensors upload for int8, or mode='fp16' / 'bf16'"
+    "; a model loaded from a torch.export program keeps its layers as graph operations, not modules: "
+    "PyTorch's int8 modes need a state_dict / safetensors upload (runtime 'onnxruntime' works on programs)"
 )
+
+
+def graph_layers(model: nn.Module, kinds: tuple[str, ...], skip: list[str]) -> list[str]:
+    """Conv / linear layer names for graph runtimes (ONNX Runtime). A torch.export program has no
+    layer modules: its layers are found by their weights, as metrics.weight_layers does."""
+    from .metrics import weight_layers
+    from .modelio import is_exported
+
+    if not is_exported(model):
+        types = tuple(t for kind, group in (("conv", CONV_LAYERS), ("linear", (nn.Linear,))) if kind in kinds for t in group)
+        return candidates(model, *types, skip=skip)
+    return [name for name in weight_layers(model, kinds) if not any(name == s or name.startswith(s + ".") for s in skip)]
 
 
 def candidates(model: nn.Module, *types: type, skip: list[str]) -> list[str]:
@@ -267,8 +279,8 @@ class StaticRuntimeQuantizer(Quantizer):
     def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
         self.spec = spec
         self.ctx = ctx
-        self.layers = candidates(model, *CONV_LAYERS, nn.Linear, skip=[])
-        self.candidates = candidates(model, *CONV_LAYERS, nn.Linear, skip=spec.skip_layers)
+        self.layers = graph_layers(model, ("conv", "linear"), skip=[])
+        self.candidates = graph_layers(model, ("conv", "linear"), skip=spec.skip_layers)
         if not self.candidates:
             raise StepError("static quantization found no conv / linear layers to quantize (outside skip_layers)")
         self.batches, self.calibration_source = calibration_batches(ctx, spec)

@@ -15,7 +15,7 @@ from torch import nn
 
 from jobspec.steps import QuantizeStep
 
-from .quantize_guard import CONV_LAYERS, Quantizer, StaticRuntimeQuantizer, candidates
+from .quantize_guard import CONV_LAYERS, Quantizer, StaticRuntimeQuantizer, graph_layers
 from .runtimes import OnnxRuntimeModel
 from .types import StepContext, StepError
 
@@ -92,8 +92,8 @@ class OrtDynamic(Quantizer):
 
     def __init__(self, model: nn.Module, spec: QuantizeStep, ctx: StepContext):
         self.spec = spec
-        self.layers = candidates(model, nn.Linear, skip=[])
-        self.candidates = candidates(model, nn.Linear, skip=spec.skip_layers)
+        self.layers = graph_layers(model, ("linear",), skip=[])
+        self.candidates = graph_layers(model, ("linear",), skip=spec.skip_layers)
         if not self.candidates:
             raise StepError("dynamic quantization found no Linear layers to quantize (outside skip_layers)")
         self.graph = _OrtGraph(model, ctx)

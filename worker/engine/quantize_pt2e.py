@@ -24,6 +24,11 @@ class Pt2eStatic(StaticRuntimeQuantizer):
             import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
         except ImportError as exc:
             raise StepError(f"torchao (PT2E) is not installed in this worker ({exc})") from exc
+        from .modelio import is_exported
+
+        if is_exported(model):
+            raise StepError("PT2E re-exports the model and names layers by module; an uploaded torch.export "
+                            "program has no layer modules (runtime 'onnxruntime' quantizes programs)")
         super().__init__(model, spec, ctx)
         self.program = _export(model, ctx.example_input.detach().to("cpu"))
 
