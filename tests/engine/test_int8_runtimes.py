@@ -94,9 +94,13 @@ def test_auto_times_every_runtime_and_keeps_the_fastest(resnet):
     rows = {row["runtime"]: row for row in details["runtime_candidates"]}
     assert set(rows) == {"fx", "onnxruntime", "pt2e"}
     assert all(row["available"] and row["p50_ms"] > 0 and row["fp32_p50_ms"] > 0 for row in rows.values())
-    fastest = min(rows.values(), key=lambda row: row["p50_ms"])
-    assert fastest["chosen"] and sum(row["chosen"] for row in rows.values()) == 1
-    assert details["runtime"] == fastest["runtime"] and fastest["runtime"] in details["runtime_choice_note"]
+    assert sum(row["chosen"] for row in rows.values()) == 1
+    chosen = rows[details["runtime"]]
+    fastest = min(row["p50_ms"] for row in rows.values())
+    assert chosen["chosen"] and chosen["p50_ms"] <= fastest * 1.05 and details["runtime"] in details["runtime_choice_note"]
+    # Among runtimes within 5 % of the fastest, the most portable artifact wins (ONNX, TorchScript, .pt2).
+    ties = [name for name in ("onnxruntime", "fx", "pt2e") if rows[name]["p50_ms"] <= fastest * 1.05]
+    assert details["runtime"] == ties[0]
     for row in rows.values():
         assert row["speedup_vs_fp32"] == pytest.approx(row["fp32_p50_ms"] / row["p50_ms"], rel=1e-3)
         assert row["cosine"] > 0.99

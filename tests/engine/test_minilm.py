@@ -53,8 +53,8 @@ def test_dynamic_int8_auto_times_pytorch_and_onnxruntime_on_minilm():
     rows = {row["runtime"]: row for row in details["runtime_candidates"]}
     assert set(rows) == {"fx", "onnxruntime"}
     assert all(row["available"] and row["p50_ms"] > 0 and row["cosine"] >= 0.99 for row in rows.values()), rows
-    chosen = min(rows.values(), key=lambda row: row["p50_ms"])
-    assert chosen["chosen"] and details["runtime"] == chosen["runtime"]
+    fastest = min(row["p50_ms"] for row in rows.values())
+    assert rows[details["runtime"]]["chosen"] and rows[details["runtime"]]["p50_ms"] <= fastest * 1.05
     with torch.no_grad():  # token ids reach ONNX Runtime as int64
         assert _cosine(outcome.model(data.inputs), model(data.inputs)) >= 0.99
     if details["runtime"] == "onnxruntime":
