@@ -41,8 +41,8 @@ class OnnxRuntimeModel(nn.Module):
         return self.onnx_model.numpy().tobytes()
 
     def _session(self) -> Any:
-        # One session per thread count: benchmarks set torch's thread count, and the comparison with
-        # PyTorch is fair only when ONNX Runtime uses the same number of threads.
+        # The session follows torch's thread count (rebuilt when it changes): benchmarks set it, and
+        # the comparison with PyTorch is fair only when ONNX Runtime uses as many threads.
         threads = torch.get_num_threads()
         session = self._sessions.get(threads)
         if session is None:
